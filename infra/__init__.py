@@ -1,0 +1,1 @@
+"""Distributed and cluster glue: configs, DeepSpeed, Ray runtime, local services. Never imports models/."""

@@ -1,0 +1,154 @@
+"""A long-lived local Ray cluster on 127.0.0.1 that we start and stop ourselves (never `ray stop`, which kills every
+Ray on the host): a head node plus optional worker nodes, each in its own process group.
+
+Token authentication (on by default in Ray 2.60): the cluster is started with the same RAY_AUTH_MODE as the driver
+environment; with ``auth="token"`` the token in ~/.ray/auth_token (or RAY_AUTH_TOKEN) is used by the CLI, the
+drivers and `ray job submit`. See docs/cluster.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field as dc_field
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_bin() -> str:
+    cand = Path(sys.executable).with_name("ray")
+    return str(cand) if cand.exists() else (shutil.which("ray") or "ray")
+
+
+@dataclass
+class LocalRayCluster:
+    """``ray start --head`` (+ workers) bound to 127.0.0.1. ``address`` is valid after start()."""
+
+    num_cpus: int = 2
+    port: int = 0
+    env: dict = dc_field(default_factory=dict)
+    temp_dir: str | None = None
+    auth: str = "token"  # Ray 2.60's default: every client must present ~/.ray/auth_token ("disabled" opts out)
+    nodes: list = dc_field(default_factory=list)  # Popen-less records: {"pgid": int, "role": str}
+    address: str | None = None
+    # NOTE: 127.0.0.2, not 127.0.0.1: Ray rewrites "127.0.0.1"/"localhost" addresses to the host's routable IP before
+    # connecting; another loopback address is left alone, so every byte stays on loopback. Worker nodes get
+    # 127.0.0.3, 127.0.0.4, ... (distinct node IPs, as on a real cluster).
+    host: str = "127.0.0.2"
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        env.update({"RAY_USAGE_STATS_ENABLED": "0"}, **self.env)
+        env["RAY_AUTH_MODE"] = self.auth
+        return env
+
+    @staticmethod
+    def _node_ports(ip: str) -> list[str]:
+        """Loopback only, and free ports instead of Ray's fixed defaults so clusters on one host never collide."""
+        return [f"--node-ip-address={ip}", "--disable-usage-stats",
+                f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+
+    def _launch(self, args: list[str], role: str) -> None:
+        log = Path(self.temp_dir or tempfile.gettempdir()) / f"softmask-ray-{role}-{os.getpid()}-{len(self.nodes)}.log"
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen([_ray_bin(), "start", *args, "--block"], stdout=fh, stderr=subprocess.STDOUT,
+                                    env=self._env(), start_new_session=True)
+        self.nodes.append({"pgid": proc.pid, "role": role, "log": str(log), "proc": proc})
+
+    def start(self, timeout: float = 90.0) -> str:
+        self.port = self.port or _free_port()
+        args = ["--head", f"--port={self.port}", f"--num-cpus={self.num_cpus}", "--include-dashboard=false",
+                f"--ray-client-server-port={_free_port()}", f"--dashboard-port={_free_port()}",
+                *self._node_ports(self.host)]
+        if self.temp_dir:
+            args.append(f"--temp-dir={self.temp_dir}")
+        self._launch(args, "head")
+        self.address = f"{self.host}:{self.port}"
+        self._wait_ready(timeout)
+        os.environ["RAY_AUTH_MODE"] = self.auth  # drivers of this process present the cluster's token
+        return self.address
+
+    def add_worker(self, num_cpus: int = 1, resources: dict | None = None, timeout: float = 90.0) -> None:
+        if not self.address:
+            raise RuntimeError("start the head first")
+        worker_ip = f"127.0.0.{3 + sum(n['role'] == 'worker' for n in self.nodes)}"
+        args = [f"--address={self.address}", f"--num-cpus={num_cpus}", *self._node_ports(worker_ip)]
+        if resources:
+            args.append(f"--resources={json.dumps(resources)}")
+        before = self.alive_nodes()
+        self._launch(args, "worker")
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.alive_nodes() > before:
+                return
+            self._check_alive()
+            time.sleep(1.0)
+        raise TimeoutError(f"worker node did not join {self.address} within {timeout:.0f}s ({self.nodes[-1]['log']})")
+
+    def _check_alive(self) -> None:
+        for n in self.nodes:
+            if n["proc"].poll() is not None:
+                raise RuntimeError(f"ray {n['role']} exited with {n['proc'].returncode}; log: "
+                                   f"{Path(n['log']).read_text()[-2000:]}")
+
+    def alive_nodes(self) -> int:
+        """Alive nodes as the GCS sees them (`ray status`-free: a short-lived driver-less query)."""
+        code = ("import ray,sys; ray.init(address=sys.argv[1], _node_ip_address=sys.argv[1].split(':')[0], "
+                "log_to_driver=False); "
+                "print(sum(1 for n in ray.nodes() if n['Alive']))")
+        out = subprocess.run([sys.executable, "-c", code, self.address], capture_output=True, text=True,
+                             env=self._env(), timeout=60)
+        try:
+            return int(out.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return 0
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            self._check_alive()
+            with socket.socket() as s:
+                s.settimeout(1.0)
+                if s.connect_ex((self.host, self.port)) == 0:
+                    if self.alive_nodes() >= 1:
+                        return
+            time.sleep(1.0)
+        raise TimeoutError(f"Ray head did not come up on {self.address} within {timeout:.0f}s")
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop every node we started: SIGTERM to each process group, then SIGKILL after ``grace`` seconds."""
+        for n in reversed(self.nodes):
+            try:
+                os.killpg(n["pgid"], signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace
+        for n in reversed(self.nodes):
+            try:
+                n["proc"].wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(n["pgid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.nodes.clear()
+
+    def __enter__(self) -> "LocalRayCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,267 @@
+"""DeepSpeed glue: typed config section -> DeepSpeed config dict -> engine.
+
+This is the only module that knows about ZeRO stages, bf16 and optimizer offload. It receives a finished
+``nn.Module`` and its parameter groups and never imports ``models`` (imports point down only).
+
+NOTE: the optimizer is always a client ``torch.optim.AdamW`` handed to ``deepspeed.initialize``. DeepSpeed's own
+FusedAdam / DeepSpeedCPUAdam JIT-compile C++ ops for minutes on a CPU machine (stack-notes §2); with
+``offload_optimizer`` we set ``zero_force_ds_cpu_optimizer: false`` so that the client AdamW steps the offloaded
+fp32 master weights instead. Importing this module imports neither torch nor deepspeed (no side effects).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from infra.config import field, require
+
+
+@dataclass
+class DeepSpeedConfig:
+    """How the model is sharded and stepped by DeepSpeed (the section ``deepspeed:`` of a training recipe)."""
+
+    zero_stage: int = field(2, "ZeRO stage: 0 = plain data parallel, 1 = optimizer states sharded, 2 = + gradients, "
+                               "3 = + parameters")
+    precision: Literal["auto", "bf16", "fp32"] = field("auto", "auto = bf16 on GPU, fp32 on CPU; bf16 also works on "
+                                                             "CPU but is slow there")
+    grad_clip: float = field(1.0, "clip the global gradient L2 norm to this value (0 disables clipping)")
+    activation_checkpointing: bool = field(False, "recompute each transformer block in the backward pass (less "
+                                                  "activation memory, about +30% compute)")
+    offload_optimizer: bool = field(False, "ZeRO-Offload: keep fp32 master weights and Adam states in CPU memory "
+                                           "(stage >= 1; stepped by the client torch AdamW, never DeepSpeedCPUAdam)")
+    overlap_comm: bool = field(False, "overlap gradient reduction with the backward pass (GPU; no gain on gloo)")
+    reduce_bucket_size: int = field(50_000_000, "elements per gradient reduce bucket (ZeRO 1-3)")
+    stage3_prefetch_bucket_size: int = field(50_000_000, "elements of parameters prefetched ahead (ZeRO-3)")
+    stage3_param_persistence_threshold: int = field(100_000, "ZeRO-3 keeps parameters smaller than this many "
+                                                             "elements unpartitioned")
+    adam_betas: tuple[float, float] = field((0.9, 0.999), "AdamW (beta1, beta2)")
+    adam_eps: float = field(1e-8, "AdamW epsilon")
+
+    def __post_init__(self) -> None:
+        require(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        require(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        require(not (self.offload_optimizer and self.zero_stage == 0), "offload_optimizer",
+                "needs zero_stage >= 1 (ZeRO-Offload shards the optimizer)")
+        require(self.reduce_bucket_size > 0, "reduce_bucket_size", "must be > 0")
+        require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas",
+                f"must be two numbers in [0, 1), got {self.adam_betas}")
+        require(self.adam_eps > 0, "adam_eps", "must be > 0")
+
+
+def resolve_bf16(ds: DeepSpeedConfig, on_gpu: bool) -> bool:
+    """Whether the engine runs in bf16 (``precision: auto`` -> bf16 exactly when on GPU)."""
+    return ds.precision == "bf16" or (ds.precision == "auto" and on_gpu)
+
+
+def build_ds_config(ds: DeepSpeedConfig, *, micro_batch: int, grad_accum: int, world_size: int,
+                    on_gpu: bool) -> dict:
+    """The DeepSpeed JSON config for one run. ``train_batch_size = micro_batch * grad_accum * world_size``."""
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update(contiguous_gradients=True, overlap_comm=ds.overlap_comm,
+                    reduce_bucket_size=ds.reduce_bucket_size, allgather_bucket_size=ds.reduce_bucket_size)
+    if ds.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
+                    stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold)
+        zero.pop("allgather_bucket_size")
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "gradient_clipping": ds.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": resolve_bf16(ds, on_gpu)},
+        "zero_allow_untested_optimizer": True,      # the client torch AdamW
+        "zero_force_ds_cpu_optimizer": False,       # offload with the client AdamW (no cpu_adam JIT compile)
+        "steps_per_print": 10 ** 9,                 # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------- LR schedule
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> Callable[[int], float]:
+    """Multiplier of each group's base lr at optimizer step ``s``: linear warmup, then constant or cosine decay.
+
+    Applied to every param group alike, so the SM head keeps its own (larger) base lr.
+    """
+    def constant(s: int) -> float:
+        return min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+    def cosine(s: int) -> float:
+        if warmup_steps > 0 and s < warmup_steps:
+            return (s + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (s - warmup_steps) / span)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    schedules = {"constant": constant, "cosine": cosine}
+    if schedule not in schedules:
+        raise ValueError(f"schedule: must be one of {sorted(schedules)}, got {schedule!r}")
+    return schedules[schedule]
+
+
+# ----------------------------------------------------------------------------------------------- engine
+def apply_activation_checkpointing(model, block_list_names: tuple[str, ...] = ("blocks", "layers", "h")) -> int:
+    """Wrap every block of the model's block lists with ``torch.utils.checkpoint`` (non-reentrant).
+
+    Finds each ``nn.ModuleList`` whose attribute name is in ``block_list_names`` anywhere in the module tree, so
+    it works on any backbone without naming it. Returns the number of wrapped blocks (0 = nothing found).
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    wrapped = 0
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if name not in block_list_names or not isinstance(child, torch.nn.ModuleList):
+                continue
+            for block in child:
+                inner = block.forward
+
+                def fwd(*args, _inner=inner, **kwargs):
+                    if torch.is_grad_enabled():
+                        return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+                    return _inner(*args, **kwargs)
+
+                block.forward = fwd
+                wrapped += 1
+    return wrapped
+
+
+def promote_scalar_params(model) -> list[str]:
+    """Give every 0-dim parameter the shape (1,) in place; returns their names.
+
+    NOTE: DeepSpeed 0.19.8 broadcasts parameters as ``p.data.view(torch.uint8)``, which fails on 0-dim tensors
+    ("self.dim() cannot be 0 to view Float as Byte"); the SM head's ω scalars are 0-dim. Elementwise math broadcasts
+    (1,) like (), and exports reshape back to the model's own shapes (see ``match_shapes``).
+    """
+    names = []
+    for name, p in model.named_parameters():
+        if p.dim() == 0:
+            p.data = p.data.reshape(1)
+            names.append(name)
+    return names
+
+
+def match_shapes(state_dict: dict, reference: dict) -> dict:
+    """``state_dict`` with each tensor reshaped to the reference tensor's shape when only the shape differs."""
+    out = {}
+    for k, v in state_dict.items():
+        ref = reference.get(k)
+        out[k] = v.reshape(ref.shape) if ref is not None and ref.shape != v.shape and ref.numel() == v.numel() else v
+    return out
+
+
+def build_optimizer(param_groups: list[dict], ds: DeepSpeedConfig):
+    """Client torch AdamW over the given groups (each group keeps its own lr / weight_decay)."""
+    import torch
+
+    groups = [dict(g) for g in param_groups if any(p.requires_grad for p in g["params"])]
+    for g in groups:
+        g["params"] = [p for p in g["params"] if p.requires_grad]
+    if not groups:
+        raise ValueError("no trainable parameters: every parameter group is empty or frozen")
+    return torch.optim.AdamW(groups, betas=tuple(ds.adam_betas), eps=ds.adam_eps)
+
+
+def build_engine(model, param_groups: list[dict], ds_config: dict, ds: DeepSpeedConfig, *,
+                 schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 1, min_lr_ratio: float = 0.0):
+    """``deepspeed.initialize`` with a client AdamW and a LambdaLR schedule; returns the engine.
+
+    Reuses the torch.distributed process group that Ray Train (or torchrun) already created. The scheduler is stepped
+    by the engine at every optimizer step, and both live in the engine's checkpoint.
+    """
+    import deepspeed
+    import torch
+
+    promote_scalar_params(model)
+    if ds.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    optimizer = build_optimizer(param_groups, ds)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, warmup_steps, total_steps,
+                                                                      min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, dist_init_required=False)
+    return engine
+
+
+def zero_stage(engine) -> int:
+    return int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else 0
+
+
+@contextlib.contextmanager
+def gathered_params(engine, params=None, modifier_rank: int | None = None):
+    """Full (unpartitioned) parameters inside the block under ZeRO-3; a no-op for stages 0-2.
+
+    Collective: every rank must enter it with the same parameters.
+    """
+    if zero_stage(engine) != 3:
+        yield
+        return
+    import deepspeed
+
+    params = list(params if params is not None else engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def full_state_dict(engine) -> dict:
+    """A CPU copy of the module's full state dict on every rank (gathers ZeRO-3 partitions; collective)."""
+    with gathered_params(engine):
+        return {k: v.detach().to("cpu", copy=True).float() if v.is_floating_point() else v.detach().cpu().clone()
+                for k, v in engine.module.state_dict().items()}
+
+
+def global_grad_norm(engine) -> float:
+    """The pre-clipping global gradient norm of the last optimizer step (nan when DeepSpeed did not compute it)."""
+    value = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def register_external_parameter(engine, module, param) -> None:
+    """Tell ZeRO-3 that ``module``'s forward uses ``param`` owned by another module (a no-op below stage 3)."""
+    if zero_stage(engine) == 3:
+        import deepspeed
+
+        deepspeed.zero.register_external_parameter(module, param)
+
+
+def full_fp32_params(engine, names=None) -> list[tuple[str, "object"]]:
+    """[(name, full fp32 tensor)] of the module's parameters (all, or those in ``names``), for reading only.
+
+    Below stage 3 these are the live parameters. Under ZeRO-3 each one is assembled from the optimizer's fp32
+    partitions (``safe_get_full_fp32_param``, a collective per parameter: every rank must call this with the same
+    names). NOTE: this deliberately avoids ``GatheredParameters`` inside the training loop, which re-partitions
+    persistent parameters on exit and breaks ZeRO-3's cached prefetch trace ("tracing error ... expected the next N
+    parameters in the parameter fetch queue") when the forward graph changes between steps (two-pass SM steps).
+    """
+    pairs = [(n, p) for n, p in engine.module.named_parameters() if names is None or n in names]
+    if zero_stage(engine) != 3:
+        return pairs
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = []
+    for n, p in pairs:
+        full = safe_get_full_fp32_param(p)
+        if full is None:
+            raise RuntimeError(f"ZeRO-3 has no fp32 copy of parameter {n} (frozen parameters are not supported)")
+        out.append((n, full))
+    return out
+
+
+class NamedTensors:
+    """A stand-in module exposing ``named_parameters()`` over given (name, tensor) pairs (e.g. for an EMA update)."""
+
+    def __init__(self, pairs):
+        self._pairs = list(pairs)
+
+    def named_parameters(self):
+        return iter(self._pairs)

@@ -1,0 +1,88 @@
+"""Starting and joining Ray, with the environment every Ray process of this project needs.
+
+NOTE: environment variables must be set *before* ``ray.init`` so that raylets and workers inherit them
+(DeepSpeed's CPU accelerator, S3 endpoint/credentials, warning filters).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from infra.config import field
+
+# Variables passed through to every Ray worker when set in the driver (S3 endpoint and credentials are read by
+# pyarrow/s3fs inside workers; they are never logged).
+PASSTHROUGH_ENV = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+    "AWS_ENDPOINT_URL", "AWS_EC2_METADATA_DISABLED", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+    "SOFTMASK_CACHE", "PYTHONWARNINGS", "OMP_NUM_THREADS",
+)
+
+DEFAULT_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@dataclass
+class RayConfig:
+    """How the driver reaches Ray."""
+
+    address: str | None = field(None, "Ray cluster address (host:port or ray://...); None starts a local Ray in-process "
+                                      "unless RAY_ADDRESS is set")
+    num_cpus: int | None = field(None, "logical CPUs of a local Ray (None = the machine's core count)")
+    include_dashboard: bool = field(False, "start the dashboard with a local Ray (127.0.0.1 only)")
+
+
+def default_env(accelerator: str = "cpu") -> dict[str, str]:
+    """Environment applied in the driver before Ray starts (explicit user settings win)."""
+    env = dict(DEFAULT_ENV)
+    if accelerator == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def apply_default_env(accelerator: str = "cpu") -> None:
+    for k, v in default_env(accelerator).items():
+        os.environ.setdefault(k, v)
+
+
+def worker_env_vars() -> dict[str, str]:
+    """The subset of the driver's environment that Ray workers must see."""
+    return {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
+
+
+def driver_ip_kwargs(address: str) -> dict:
+    """A driver joining a loopback cluster (infra.cluster.LocalRayCluster binds 127.0.0.2) must register on that same
+    loopback address, or it looks for a raylet on the host's routable IP and hangs."""
+    host = address.split("://")[-1].rsplit(":", 1)[0]
+    return {"_node_ip_address": host} if host.startswith("127.") else {}
+
+
+def init_ray(cfg: RayConfig | None = None, *, accelerator: str = "cpu", extra_env: dict | None = None):
+    """Start a local Ray or join a cluster; returns True when this call started (and so owns) Ray.
+
+    Already-initialised Ray is reused (returns False). With ``address`` or ``RAY_ADDRESS`` set the driver joins the
+    cluster (no resource arguments are allowed then).
+    """
+    import ray
+
+    apply_default_env(accelerator)
+    if ray.is_initialized():
+        return False
+    cfg = cfg or RayConfig()
+    env = worker_env_vars() | dict(extra_env or {})
+    runtime_env = {"env_vars": env}
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # Ray 2.60 clusters use token auth by default; a driver only sends ~/.ray/auth_token in "token" mode.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **driver_ip_kwargs(address))
+    else:
+        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=cfg.include_dashboard,
+                 dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=runtime_env)
+    return True

@@ -1,0 +1,89 @@
+"""DiffusionLM = backbone g_θ + SM head (+ optional self-conditioning projection), SUBS output.
+
+forward(x_t, t, two_pass=False, prev_logits=None) -> logits (B, L, V) with the [MASK] logit suppressed.
+- prev_logits given (sampling): the previous step's prediction is fed back (SM or self-conditioning); no extra pass.
+- two_pass=True (training): pass 1 under no_grad on the same x_t with pure masks gives the feedback, pass 2 runs with
+  gradients to the backbone and the SM scalars (ω reach the loss only through λ in pass 2).
+Unmasked positions carry their token over (SUBS); consumers (loss, samplers) only read masked rows.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from models.backbone import Backbone, sparse_embed
+from models.config import ModelConfig
+from models.softmask import SoftMaskHead
+
+NEG_INF = -1e6  # finite "−∞" for the [MASK] logit (as MDLM): keeps softmax/entropy NaN-free
+
+
+class DiffusionLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.mask_id = cfg.mask_token_id
+        self.backbone = Backbone(cfg)
+        self.sm_head = SoftMaskHead(k=cfg.softmask_k)
+        # Self-conditioning baseline (Analog-Bits style): projected top-k estimate of x̂0 added at ALL positions.
+        self.sc_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.self_conditioning else None
+        if self.sc_proj is not None:
+            nn.init.zeros_(self.sc_proj.weight)  # starts as the binary model
+        self.last_stats: dict[str, torch.Tensor] = {}
+
+    def _predict(self, inputs, t, extra=None) -> torch.Tensor:
+        logits = self.backbone(inputs, t, extra)  # (B, L, V)
+        logits[..., self.mask_id] = NEG_INF  # SUBS: never predict [MASK]
+        return logits
+
+    def feedback_input(self, x_t: torch.Tensor, prev_logits: torch.Tensor):
+        """Build the pass-2 input from a (detached) previous prediction. Returns (inputs, extra)."""
+        prev_logits = prev_logits.detach()
+        if self.sc_proj is not None:
+            k = self.config.softmask_k or 1
+            top_z, top_ids = torch.topk(prev_logits.float(), k, dim=-1)  # (B, L, k)
+            pi = torch.softmax(top_z, dim=-1)
+            unmasked = (x_t != self.mask_id).unsqueeze(-1)  # SUBS: decoded tokens are certain
+            top_ids = torch.where(unmasked, x_t.unsqueeze(-1), top_ids)
+            first = torch.zeros_like(pi)
+            first[..., 0] = 1.0
+            pi = torch.where(unmasked, first, pi)
+            estimate = sparse_embed(self.backbone.embed.weight, top_ids, pi)  # (B, L, d)
+            return x_t, self.sc_proj(estimate)
+        ids, w = self.sm_head(x_t, prev_logits, self.mask_id)  # (B, L, k+1) each
+        self.last_stats = {"lambda_mean": self.sm_head.last_lambda}
+        return (ids, w), None
+
+    @torch.no_grad()
+    def _pass_one_sm_input(self, x_t: torch.Tensor, t):
+        """Pass 1 for SM training: logits only for still-masked rows (the head reads nothing else)."""
+        masked = x_t == self.mask_id  # (B, L)
+        z = self.backbone.lm_head(self.backbone.hidden(x_t, t)[masked])  # (M, V)
+        z[:, self.mask_id] = NEG_INF
+        return masked, z
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | None = None, *, two_pass: bool = False,
+                prev_logits: torch.Tensor | None = None) -> torch.Tensor:
+        if prev_logits is None and two_pass and self.sc_proj is None:
+            masked, z = self._pass_one_sm_input(x_t, t)  # pass 1: same x_t, pure masks, current θ, no grad
+            ids, w = self.sm_head.mix(x_t, masked, z)  # grads reach ω through w only
+            del z
+            self.last_stats = {"lambda_mean": self.sm_head.last_lambda}
+            return self._predict((ids, w), t)  # pass 2
+        if prev_logits is None and two_pass:
+            with torch.no_grad():
+                prev_logits = self._predict(x_t, t)  # self-conditioning: estimate needed at every position
+        if prev_logits is None:
+            return self._predict(x_t, t)
+        inputs, extra = self.feedback_input(x_t, prev_logits)
+        return self._predict(inputs, t, extra)
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not include_embeddings:
+            n -= self.backbone.embed.weight.numel()
+        return n
+
+
+def build_model(cfg: ModelConfig) -> DiffusionLM:
+    return DiffusionLM(cfg)

@@ -1,0 +1,110 @@
+"""The MDLM continuous-time ELBO with binary, soft-masked (two-pass) or self-conditioning training.
+
+All randomness derives from (seed, step, rank) so that every rank agrees on the two-pass coin (ZeRO-3 needs identical
+forward call graphs), antithetic t is global over the data-parallel batch, and a resumed run replays exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from models.schedule import build_schedule, mask_tokens, sample_t
+
+OBJECTIVES = ("binary", "sm", "self_cond")
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = field(default="sm", metadata={"doc": "binary (MDLM) | sm (soft-masking, two-pass) | self_cond (baseline)"})
+    p_sm: float = field(default=0.8, metadata={"doc": "probability that a batch takes the two-pass feedback step"})
+    schedule: str = field(default="loglinear", metadata={"doc": "noise schedule: loglinear | cosine"})
+    eps: float = field(default=1e-3, metadata={"doc": "schedule epsilon and smallest t"})
+    antithetic: bool = field(default=True, metadata={"doc": "antithetic t over the global batch"})
+    t_max: float = field(default=1.0, metadata={"doc": "largest t (Dream fine-tuning uses 0.8 with t_min 0.2)"})
+    t_min: float | None = field(default=None, metadata={"doc": "smallest t (None = eps)"})
+
+    def __post_init__(self):
+        if self.kind not in OBJECTIVES:
+            raise ValueError(f"objective.kind must be one of {OBJECTIVES}, got {self.kind!r}")
+        if not 0.0 <= self.p_sm <= 1.0:
+            raise ValueError(f"objective.p_sm must be in [0, 1], got {self.p_sm}")
+        if not 0 < (self.t_min or self.eps) < self.t_max <= 1.0:
+            raise ValueError("objective: need 0 < t_min < t_max <= 1")
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+def generators(seed: int, step: int, rank: int) -> tuple[torch.Generator, torch.Generator]:
+    """(shared across ranks, local to this rank) CPU generators for one step."""
+    return (torch.Generator().manual_seed(_seed(seed, step, "shared")),
+            torch.Generator().manual_seed(_seed(seed, step, rank, "local")))
+
+
+def uses_two_pass(obj: ObjectiveConfig, seed: int, step: int) -> bool:
+    """One coin per (global) batch; identical on every rank and on replay."""
+    if obj.kind == "binary" or obj.p_sm <= 0:
+        return False
+    return random.Random(_seed(seed, step, "coin")).random() < obj.p_sm
+
+
+def elbo_terms(logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule,
+               mask_id: int) -> torch.Tensor:
+    """Per-token weighted NLL (B, L): w(t)·(−log p_θ(x0)) on masked positions, 0 elsewhere (SUBS carry-over)."""
+    masked = x_t == mask_id  # (B, L)
+    out = torch.zeros(x0.shape, device=logits.device, dtype=torch.float32)
+    if masked.any():
+        nll = F.cross_entropy(logits[masked].float(), x0[masked], reduction="none")  # (M,)
+        weight = schedule.weight(t.to(logits.device)).unsqueeze(-1).expand_as(masked)[masked]  # (M,)
+        out[masked] = weight * nll
+    return out
+
+
+def _noised(x0, obj, seed, step, rank, world, loss_mask, mask_id):
+    shared, local = generators(seed, step, rank)
+    schedule = build_schedule(obj.schedule, obj.eps)
+    t = sample_t(x0.shape[0], shared=shared, local=local, antithetic=obj.antithetic, rank=rank, world=world,
+                 t_min=obj.t_min or obj.eps, t_max=obj.t_max).to(x0.device)
+    x_t = mask_tokens(x0, t, schedule, mask_id, local, loss_mask)
+    return t, x_t, schedule
+
+
+def training_loss(model, x0: torch.Tensor, obj: ObjectiveConfig, *, seed: int, step: int, rank: int = 0,
+                  world: int = 1, loss_mask: torch.Tensor | None = None, two_pass: bool | None = None,
+                  mask_id: int | None = None):
+    """(loss, metrics). ``model`` is a DiffusionLM or anything with its forward (a DeepSpeed engine).
+
+    loss = Σ_masked w(t)·NLL / #scored tokens (the per-token ELBO estimate). ``loss_mask`` (B, L): 1 where a token
+    may be masked and is scored, 0 for prompt tokens / ignored padding (never masked).
+    """
+    inner = getattr(model, "module", model)
+    mask_id = inner.mask_id if mask_id is None else mask_id
+    if two_pass is None:
+        two_pass = uses_two_pass(obj, seed, step)
+    t, x_t, schedule = _noised(x0, obj, seed, step, rank, world, loss_mask, mask_id)
+    logits = model(x_t, t, two_pass=two_pass)
+    terms = elbo_terms(logits, x0, x_t, t, schedule, mask_id)
+    denom = loss_mask.sum().clamp_min(1) if loss_mask is not None else torch.tensor(x0.numel())
+    loss = terms.sum() / denom.to(terms.device)
+    metrics = {"loss": loss.detach().item(), "masked_frac": (x_t == mask_id).float().mean().item(),
+               "two_pass": float(two_pass), "t_mean": t.mean().item()}
+    if two_pass and "lambda_mean" in inner.last_stats:
+        metrics["lambda_mean"] = float(inner.last_stats["lambda_mean"])
+    return loss, metrics
+
+
+@torch.no_grad()
+def validation_nll(model, x0: torch.Tensor, obj: ObjectiveConfig, *, seed: int = 0, step: int = 0,
+                   two_pass: bool = False, loss_mask: torch.Tensor | None = None) -> tuple[float, int]:
+    """(Σ weighted NLL, #scored tokens) for one batch; exp(Σ/n) over a split is the perplexity bound."""
+    inner = getattr(model, "module", model)
+    t, x_t, schedule = _noised(x0, obj, seed, step, 0, 1, loss_mask, inner.mask_id)
+    logits = model(x_t, t, two_pass=two_pass)
+    terms = elbo_terms(logits, x0, x_t, t, schedule, inner.mask_id)
+    n = int(loss_mask.sum()) if loss_mask is not None else x0.numel()
+    return float(terms.sum()), n

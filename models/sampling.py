@@ -1,0 +1,149 @@
+"""Samplers for masked diffusion LMs, every one with soft-masking on or off.
+
+    out = sample(model, SamplerConfig(steps=64, algorithm="ancestral"), num_samples=4, length=128, seed=0)
+
+One forward pass per denoising step. With ``soft_mask`` the previous step's *unfiltered* prediction is fed back
+through the model's SM head, so SM adds no forward pass (``out.nfe`` counts forwards). Prompt / fixed positions are
+never changed; the time grid ends at t = 0, so no [MASK] remains at the end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from models.sampling_rules import UPDATE_RULES, StepContext
+
+ALGORITHMS = tuple(UPDATE_RULES)
+EOS_POLICIES = ("none", "pad_after_eos")
+
+
+@dataclass
+class SamplerConfig:
+    steps: int = field(default=128, metadata={"doc": "denoising steps (NFE budget) over the whole sequence"})
+    algorithm: str = field(default="ancestral", metadata={"doc": f"update rule: one of {ALGORITHMS}"})
+    soft_mask: bool = field(default=True, metadata={"doc": "feed the previous prediction back through the SM head"})
+    temperature: float = field(default=1.0, metadata={"doc": "softmax temperature of the sampling copy (0 = greedy)"})
+    top_p: float = field(default=1.0, metadata={"doc": "nucleus mass kept on the sampling copy (1 = off)"})
+    block_length: int | None = field(default=None, metadata={"doc": "semi-autoregressive block size (None = one block)"})
+    eta: float = field(default=0.04, metadata={"doc": "ReMDM-cap remasking cap η"})
+    eos_id: int | None = field(default=None, metadata={"doc": "EOS id used by eos_policy"})
+    eos_policy: str = field(default="none", metadata={"doc": "none | pad_after_eos (everything after the first "
+                                                             "generated EOS becomes EOS)"})
+    cache_unchanged: bool = field(default=False, metadata={"doc": "reuse the last prediction when no token changed "
+                                                                  "(skips forwards; NFE then depends on the trajectory)"})
+
+    def __post_init__(self):
+        problems = []
+        if self.steps < 1:
+            problems.append(f"steps must be >= 1, got {self.steps}")
+        if self.algorithm not in UPDATE_RULES:
+            problems.append(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.block_length is not None and self.block_length < 1:
+            problems.append(f"block_length must be >= 1, got {self.block_length}")
+        if self.eos_policy not in EOS_POLICIES:
+            problems.append(f"eos_policy must be one of {EOS_POLICIES}, got {self.eos_policy!r}")
+        if self.eos_policy != "none" and self.eos_id is None:
+            problems.append("eos_policy pad_after_eos needs eos_id")
+        if problems:
+            raise ValueError("invalid SamplerConfig: " + "; ".join(problems))
+
+
+@dataclass
+class SampleOutput:
+    tokens: torch.Tensor  # (N, L) long
+    nfe: int
+    trajectory: list[torch.Tensor] | None = None  # per step (N, L), when requested
+
+
+def _initial_state(num_samples, length, mask_id, prompt_ids, fixed_tokens, fixed_mask, device):
+    x = torch.full((num_samples, length), mask_id, dtype=torch.long, device=device)
+    fixed = torch.zeros((num_samples, length), dtype=torch.bool, device=device)
+    if prompt_ids is not None:
+        if len(prompt_ids) != num_samples:
+            raise ValueError(f"prompt_ids has {len(prompt_ids)} rows, expected num_samples={num_samples}")
+        for i, p in enumerate(prompt_ids):
+            p = torch.as_tensor(p, dtype=torch.long, device=device).reshape(-1)
+            if p.numel() > length:
+                raise ValueError(f"prompt {i} has {p.numel()} tokens, longer than length={length}")
+            if (p == mask_id).any():
+                raise ValueError(f"prompt {i} contains the [MASK] id")
+            x[i, :p.numel()] = p
+            fixed[i, :p.numel()] = True
+    if fixed_tokens is not None:
+        fm = fixed_mask.to(device).bool() if fixed_mask is not None else fixed_tokens != mask_id
+        x = torch.where(fm, fixed_tokens.to(device), x)
+        fixed |= fm
+    return x, fixed
+
+
+def _blocks(length: int, block_length: int | None) -> list[tuple[int, int]]:
+    if not block_length or block_length >= length:
+        return [(0, length)]
+    return [(a, min(a + block_length, length)) for a in range(0, length, block_length)]
+
+
+def _pad_after_eos(x: torch.Tensor, fixed: torch.Tensor, eos_id: int) -> torch.Tensor:
+    gen_eos = (x == eos_id) & ~fixed
+    after = torch.cumsum(gen_eos.int(), dim=1) > 0  # at or after the first generated EOS
+    return torch.where(after & ~fixed, torch.full_like(x, eos_id), x)
+
+
+@torch.no_grad()
+def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=None, seed: int = 0,
+           on_step: Callable[[int, torch.Tensor], None] | None = None, fixed_tokens: torch.Tensor | None = None,
+           fixed_mask: torch.Tensor | None = None, return_trajectory: bool = False) -> SampleOutput:
+    """Generate ``num_samples`` sequences of ``length`` tokens (prompt included). Same seed => same tokens."""
+    if num_samples < 1 or length < 1:
+        raise ValueError("num_samples and length must be >= 1")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    mask_id = model.mask_id
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    x, fixed = _initial_state(num_samples, length, mask_id, prompt_ids, fixed_tokens, fixed_mask, device)
+    rule = UPDATE_RULES[cfg.algorithm]
+    blocks = _blocks(length, cfg.block_length)
+    steps_per_block = max(1, cfg.steps // len(blocks))
+    prev_logits, cached, nfe, step_idx = None, None, 0, 0
+    trajectory = [] if return_trajectory else None
+    positions = torch.arange(length, device=device)
+    for a, b in blocks:
+        in_block = (positions >= a) & (positions < b)  # (L,)
+        ts = torch.linspace(1.0, 0.0, steps_per_block + 1, dtype=torch.float64)
+        for i in range(steps_per_block):
+            if not ((x == mask_id) & in_block).any():
+                break  # block already complete (e.g. fully prompted)
+            t, s = float(ts[i]), float(ts[i + 1])
+            if cached is not None:
+                logits = cached
+            else:
+                t_vec = torch.full((num_samples,), t, device=device)
+                logits = model(x, t_vec, prev_logits=prev_logits if cfg.soft_mask else None)
+                nfe += 1
+            ctx = StepContext(x=x, logits=logits, t=t, s=s, active=(x == mask_id) & in_block & ~fixed,
+                              decoded=(x != mask_id) & in_block & ~fixed, mask_id=mask_id, cfg=cfg, generator=gen,
+                              last=(i == steps_per_block - 1))
+            x_new = rule(ctx)
+            changed = bool((x_new != x).any())
+            cached = logits if (cfg.cache_unchanged and not changed and not model.config.time_conditioning) else None
+            x, prev_logits = x_new, logits
+            step_idx += 1
+            if trajectory is not None:
+                trajectory.append(x.clone())
+            if on_step is not None:
+                on_step(step_idx, x)
+    if (x == mask_id).any():  # safety net: one more forward (with feedback), then argmax
+        t_vec = torch.zeros((num_samples,), device=device)
+        logits = model(x, t_vec, prev_logits=prev_logits if cfg.soft_mask else None)
+        nfe += 1
+        x = torch.where(x == mask_id, logits.argmax(-1), x)
+    if cfg.eos_policy == "pad_after_eos":
+        x = _pad_after_eos(x, fixed, cfg.eos_id)
+    model.train(was_training)
+    return SampleOutput(tokens=x, nfe=nfe, trajectory=trajectory)

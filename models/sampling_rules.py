@@ -1,0 +1,140 @@
+"""Per-step update rules of the samplers (registry: name -> rule(ctx) -> new tokens).
+
+Each rule sees the current tokens, the model's prediction (B, L, V) and the step's times t > s on the grid
+1 -> 0, and only changes ``ctx.active`` (still-masked, in-block, not fixed) positions — ReMDM also remasks
+``ctx.decoded`` ones. Times use α_t = 1 − t.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+_CHUNK_ELEMS = 1 << 24  # rows per Gumbel chunk bounded by this many float64 elements (~128 MB)
+
+
+@dataclass
+class StepContext:
+    x: torch.Tensor        # (N, L) current tokens
+    logits: torch.Tensor   # (N, L, V) unfiltered prediction
+    t: float
+    s: float
+    active: torch.Tensor   # (N, L) bool: masked positions this step may unmask
+    decoded: torch.Tensor  # (N, L) bool: generated (non-fixed) tokens of the current block
+    mask_id: int
+    cfg: Any
+    generator: torch.Generator
+    last: bool
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose mass reaches top_p (rows renormalised)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, idx = probs.sort(dim=-1, descending=True)
+    drop = (sorted_p.cumsum(-1) - sorted_p) > top_p
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    out = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    return out / out.sum(-1, keepdim=True)
+
+
+def sampling_probs(z: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The sampling copy (M, V): temperature then nucleus; SM feedback keeps using the unfiltered logits."""
+    return nucleus(torch.softmax(z.float() / max(temperature, 1e-6), dim=-1), top_p)
+
+
+def draw(z: torch.Tensor, cfg, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of logits z (M, V): greedy at temperature 0, else float64 Gumbel-max on the sampling copy."""
+    if z.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long, device=z.device)
+    if cfg.temperature == 0:
+        return z.argmax(-1)
+    out = []
+    rows = max(1, _CHUNK_ELEMS // z.shape[-1])
+    for chunk in z.split(rows):
+        logp = sampling_probs(chunk, cfg.temperature, cfg.top_p).double().log()
+        u = torch.rand(logp.shape, generator=generator, device=z.device, dtype=torch.float64)
+        out.append((logp - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1))
+    return torch.cat(out)
+
+
+def _uniform(shape, ctx: StepContext) -> torch.Tensor:
+    return torch.rand(shape, generator=ctx.generator, device=ctx.x.device, dtype=torch.float64)
+
+
+def _unmask_with_prob(ctx: StepContext, p_unmask: float, x_new: torch.Tensor) -> torch.Tensor:
+    idx = ctx.active.nonzero(as_tuple=True)
+    if idx[0].numel() == 0:
+        return x_new
+    go = _uniform(idx[0].shape, ctx) < p_unmask if not ctx.last else torch.ones_like(idx[0], dtype=torch.bool)
+    sel = (idx[0][go], idx[1][go])
+    x_new[sel] = draw(ctx.logits[sel], ctx.cfg, ctx.generator)
+    return x_new
+
+
+def ancestral(ctx: StepContext) -> torch.Tensor:
+    """MDLM reverse step: a masked token is revealed with probability (α_s − α_t)/(1 − α_t) = (t − s)/t."""
+    return _unmask_with_prob(ctx, (ctx.t - ctx.s) / ctx.t, ctx.x.clone())
+
+
+def remdm_cap(ctx: StepContext) -> torch.Tensor:
+    """ReMDM with capped remasking σ_t = min(η, (1 − α_s)/α_t): decoded tokens are remasked with prob σ_t and masked
+    ones revealed with prob (α_s − (1 − σ_t)α_t)/(1 − α_t)."""
+    a_t, a_s = 1.0 - ctx.t, 1.0 - ctx.s
+    sigma = ctx.cfg.eta if a_t <= 0 else min(ctx.cfg.eta, (1.0 - a_s) / a_t)
+    x_new = _unmask_with_prob(ctx, (a_s - (1 - sigma) * a_t) / (1 - a_t), ctx.x.clone())
+    if sigma > 0:
+        idx = ctx.decoded.nonzero(as_tuple=True)
+        back = _uniform(idx[0].shape, ctx) < sigma
+        x_new[idx[0][back], idx[1][back]] = ctx.mask_id
+    return x_new
+
+
+def _confidence_rule(score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """Dream/LLaDA-style: sample a candidate everywhere, reveal the n most confident masked positions per row,
+    n = round(#masked · (1 − s/t)) (at least 1; all on the last step)."""
+
+    def rule(ctx: StepContext) -> torch.Tensor:
+        x_new = ctx.x.clone()
+        idx = ctx.active.nonzero(as_tuple=True)
+        if idx[0].numel() == 0:
+            return x_new
+        z = ctx.logits[idx]  # (M, V)
+        cand = draw(z, ctx.cfg, ctx.generator)  # (M,)
+        probs = sampling_probs(z, ctx.cfg.temperature or 1.0, ctx.cfg.top_p)
+        conf = torch.full(ctx.x.shape, float("-inf"), device=ctx.x.device)
+        conf[idx] = score(probs, cand).float()
+        n_masked = ctx.active.sum(1)  # (N,)
+        n = n_masked if ctx.last else torch.clamp(torch.round(n_masked * (1 - ctx.s / ctx.t)), min=1).long()
+        order = conf.argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                                .expand_as(order).contiguous())
+        reveal = (rank < n.unsqueeze(1)) & ctx.active
+        cand_full = torch.full_like(ctx.x, ctx.mask_id)
+        cand_full[idx] = cand
+        return torch.where(reveal, cand_full, x_new)
+
+    return rule
+
+
+def _top1(probs, cand):
+    return probs.gather(-1, cand.unsqueeze(-1)).squeeze(-1)
+
+
+def _margin(probs, cand):
+    top2 = probs.topk(2, dim=-1).values
+    return top2[:, 0] - top2[:, 1]
+
+
+def _neg_entropy(probs, cand):
+    return (probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
+
+
+UPDATE_RULES: dict[str, Callable[[StepContext], torch.Tensor]] = {
+    "ancestral": ancestral,
+    "remdm_cap": remdm_cap,
+    "confidence": _confidence_rule(_top1),
+    "margin": _confidence_rule(_margin),
+    "entropy": _confidence_rule(_neg_entropy),
+}

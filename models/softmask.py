@@ -1,0 +1,111 @@
+"""The soft-masking (SM) head: three learnable scalars that turn a prediction into a soft input.
+
+For a still-masked position with predictive distribution p (full vocabulary):
+    λ(p) = ω_s · σ(ω_a · (−H(p) − ω_b)),   π = top-k probabilities renormalised,
+    e    = (1 − λ)·E[mask] + λ·Σ_i π_i·E[v_i].
+The head returns the sparse form (ids (B,L,k+1), weights (B,L,k+1)) with ids[...,0] = x_t; the backbone embeds it
+by gathering k+1 rows. Entropy, top-k and λ are computed only on masked rows, in fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_EPS = 1e-6
+
+
+def _inv_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, _EPS), 1 - _EPS)
+    return math.log(p / (1 - p))
+
+
+def entropy_from_logits(z: torch.Tensor) -> torch.Tensor:
+    """H(softmax(z)) in nats along the last dim, computed in fp32 from one fused log_softmax."""
+    logp = torch.log_softmax(z.float(), dim=-1)  # (M, V)
+    h = -torch.linalg.vecdot(logp.exp(), logp)  # (M,)
+    if torch.isnan(h).any():  # −inf logits give 0·(−inf): redo with a finite stand-in (rare path)
+        h = -torch.linalg.vecdot(logp.exp(), torch.nan_to_num(logp, neginf=-1e30))
+    return h
+
+
+class SoftMaskHead(nn.Module):
+    """λ-gated top-k feedback. ``k=None`` mixes the full vocabulary with a learnable softmax temperature."""
+
+    def __init__(self, k: int | None = 3, omega_s: float = 1e-6, omega_b: float = -0.75, omega_a: float = 6.66,
+                 temperature: float = 1.0):
+        super().__init__()
+        if k is not None and k < 1:
+            raise ValueError(f"SoftMaskHead k must be >= 1 or None, got {k}")
+        if omega_b >= 0 or omega_a <= 0 or not 0 < omega_s < 1:
+            raise ValueError("SoftMaskHead needs 0 < omega_s < 1, omega_a > 0, omega_b < 0")
+        self.k = k
+        self.raw_scale = nn.Parameter(torch.tensor(_logit(omega_s)))                 # ω_s = σ(raw)
+        self.raw_centre = nn.Parameter(torch.tensor(_inv_softplus(-omega_b - _EPS)))  # ω_b = −softplus(raw) − ε
+        self.raw_steepness = nn.Parameter(torch.tensor(_inv_softplus(omega_a - _EPS)))  # ω_a = softplus(raw) + ε
+        self.raw_temperature = (nn.Parameter(torch.tensor(_inv_softplus(temperature - _EPS))) if k is None else None)
+
+    @property
+    def omega_s(self) -> torch.Tensor:
+        return torch.sigmoid(self.raw_scale)
+
+    @property
+    def omega_b(self) -> torch.Tensor:
+        return -F.softplus(self.raw_centre) - _EPS
+
+    @property
+    def omega_a(self) -> torch.Tensor:
+        return F.softplus(self.raw_steepness) + _EPS
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        if self.raw_temperature is None:
+            return torch.ones((), device=self.raw_scale.device)
+        return F.softplus(self.raw_temperature) + _EPS
+
+    def lam(self, neg_entropy: torch.Tensor) -> torch.Tensor:
+        """λ as a function of −H (any shape)."""
+        return self.omega_s * torch.sigmoid(self.omega_a * (neg_entropy - self.omega_b))
+
+    def values(self) -> dict[str, float]:
+        out = {"omega_s": self.omega_s.item(), "omega_a": self.omega_a.item(), "omega_b": self.omega_b.item()}
+        if self.k is None:
+            out["temperature"] = self.temperature.item()
+        return out
+
+    def forward(self, x_t: torch.Tensor, logits: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t (B,L) long, logits (B,L,V) -> ids (B,L,K+1) long, weights (B,L,K+1) fp32 (K = k, or V when k=None)."""
+        masked = x_t == mask_id  # (B, L)
+        return self.mix(x_t, masked, logits[masked])
+
+    def mix(self, x_t: torch.Tensor, masked: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same as forward, given only the still-masked rows' logits z (M, V) (M = masked.sum())."""
+        B, L = x_t.shape
+        V = z.shape[-1]
+        K = self.k if self.k is not None else V
+        ids = x_t.unsqueeze(-1).expand(B, L, K + 1).clone()  # unmasked rows: x_t with weight 1, the rest weight 0
+        w = torch.zeros(B, L, K + 1, device=z.device, dtype=torch.float32)
+        w[..., 0] = 1.0
+        if z.shape[0] == 0:
+            self.last_lambda = torch.zeros((), device=z.device)
+            return ids, w
+        z = z.float()
+        if self.k is None:
+            z = z / self.temperature
+            lam = self.lam(-entropy_from_logits(z))  # (M,)
+            top_ids = torch.arange(V, device=z.device).expand(z.shape[0], V)
+            pi = torch.softmax(z, dim=-1)
+        else:
+            lam = self.lam(-entropy_from_logits(z))  # (M,)
+            top_z, top_ids = torch.topk(z, self.k, dim=-1)  # (M, k)
+            pi = torch.softmax(top_z, dim=-1)  # renormalised top-k probabilities
+        ids[masked] = torch.cat([x_t[masked].unsqueeze(-1), top_ids], dim=-1)
+        w = w.masked_scatter(masked.unsqueeze(-1), torch.cat([(1 - lam).unsqueeze(-1), lam.unsqueeze(-1) * pi], -1))
+        self.last_lambda = lam.detach().mean()
+        return ids, w

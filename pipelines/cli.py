@@ -1,0 +1,147 @@
+"""The `softmask` command, generated from the typed stage configs (no hand-kept argument lists).
+
+Every stage command takes ``--config recipe.yaml`` plus overrides, with the precedence
+dataclass defaults < YAML recipe < ``--key=value`` / ``--section.key=value``. Top-level config fields are also
+plain options (``--checkpoint PATH``, ``--port 8000``, ``--detach``). ``softmask <command> --help`` lists every field
+with its documentation.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import sys
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from infra.config import ConfigError, apply_overrides, field_docs, from_dict, load_yaml, section_type
+
+
+@dataclass
+class Command:
+    """A CLI command bound to a typed config and a runner ``main(cfg, extras) -> int``."""
+
+    name: str
+    help: str
+    config: str  # "module:Class" (imported lazily: `softmask --help` must not import torch/ray)
+    main: str  # "module:function"
+    section: str | None = None  # YAML section holding this command's config in a workflow recipe
+    extras: tuple[tuple[str, dict], ...] = ()  # options that are not config fields
+
+
+def _resolve(ref: str) -> Any:
+    mod, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+COMMANDS: dict[str, Command] = {c.name: c for c in [
+    Command("run", "the whole workflow: preprocess -> train -> evaluate -> deploy (Prefect + Ray)",
+            "pipelines.workflow:WorkflowConfig", "pipelines.commands:cli_main",
+            extras=(("--keep-serving", {"action": "store_true", "help": "keep the endpoint up until Ctrl-C"}),
+                    ("--force", {"action": "append", "default": [], "metavar": "STAGE",
+                                 "help": "rerun STAGE and every stage after it (repeatable)"}))),
+    Command("preprocess", "tokenise and pack text into Parquet shards (Ray)", "pipelines.preprocess:PreprocessConfig",
+            "pipelines.commands:cli_preprocess", section="preprocess"),
+    Command("train", "Ray Train + DeepSpeed training", "workers.train_config:TrainConfig",
+            "pipelines.commands:cli_train", section="train"),
+    Command("eval", "evaluate a checkpoint (ELBO PPL, gen PPL, MAUVE, entropy)", "pipelines.evaluate:EvalConfig",
+            "pipelines.commands:cli_eval", section="evaluate"),
+    Command("experiment", "SM vs binary vs self-conditioning grid", "pipelines.experiment:ExperimentConfig",
+            "pipelines.commands:cli_experiment", section="experiment"),
+    Command("serve", "serve a checkpoint over HTTP with Ray Serve (blocks until Ctrl-C unless --detach)",
+            "pipelines.serve:ServeStageConfig", "pipelines.commands:cli_serve", section="serve"),
+    Command("schedule", "register a cron-scheduled workflow (long-lived Prefect server + serve process)",
+            "pipelines.workflow:WorkflowConfig", "pipelines.commands:cli_schedule",
+            extras=(("--cron", {"required": True, "help": "cron expression, e.g. '0 3 * * *'"}),
+                    ("--api-url", {"default": None, "help": "Prefect API URL (default: start a local server)"}),
+                    ("--deployment-name", {"default": None, "help": "name of the Prefect deployment"}))),
+    Command("ui", "start the Prefect UI on 127.0.0.1", "pipelines.commands:UiConfig",
+            "pipelines.commands:cli_ui"),
+    Command("status", "what ran and where the artifacts are", "pipelines.commands:StatusConfig",
+            "pipelines.commands:cli_status"),
+    Command("tokenizer", "tokenizer tools: `softmask tokenizer train`", "pipelines.tokenizer_train:TokenizerTrainConfig",
+            "pipelines.commands:cli_tokenizer"),
+]}
+
+
+def _scalar_fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if section_type(hints[f.name]) is None}
+
+
+def build_config(cmd: Command, config_path: str | None, overrides: list[str], options: dict[str, Any]) -> Any:
+    """defaults < YAML (the command's section if the recipe has one) < options < --section.key overrides."""
+    cls = _resolve(cmd.config)
+    data: dict = {}
+    if config_path:
+        data = load_yaml(config_path)
+        field_names = {f.name for f in dataclasses.fields(cls)}
+        if cmd.section and cmd.section in data and cmd.section not in field_names:
+            data = data[cmd.section]
+    prefix = f"{cmd.section}."
+    cleaned = [o[len(prefix) + 2:] if cmd.section and o.startswith("--" + prefix) else o.lstrip("-") for o in overrides]
+    opts = [f"{k}={v}" for k, v in options.items() if v is not None]
+    return from_dict(cls, apply_overrides(data, opts + cleaned))
+
+
+def _parser(cmd: Command) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"softmask {cmd.name}", description=cmd.help,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML recipe (configs/*.yaml)")
+    for flags, kw in cmd.extras:
+        p.add_argument(flags, **kw)
+    cls = _resolve(cmd.config)
+    docs = field_docs(cls)
+    for name, tp in _scalar_fields(cls).items():
+        dest = f"opt_{name}"
+        flag = "--" + name.replace("_", "-")
+        names = [flag] + (["--" + name] if "_" in name else [])
+        if tp is bool:
+            p.add_argument(*names, dest=dest, nargs="?", const="true", default=None, metavar="BOOL", help=docs[name])
+        else:
+            p.add_argument(*names, dest=dest, default=None, metavar="VALUE", help=docs[name])
+    nested = "\n".join(f"  --{k}=VALUE  {v}" for k, v in docs.items() if "." in k)
+    if nested:
+        p.epilog = "nested fields (--section.key=VALUE):\n" + nested
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Ray 2.60 clusters use token auth by default and a driver reads the mode when Ray is imported: clients of this
+    # CLI present ~/.ray/auth_token unless the user chose otherwise (RAY_AUTH_MODE=disabled for an opted-out cluster).
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {c.name:<11} {c.help}" for c in COMMANDS.values()]
+        print("usage: softmask <command> [--config recipe.yaml] [--key=value ...]\n\ncommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nsoftmask: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    cmd = COMMANDS[argv[0]]
+    rest = argv[1:]
+    if cmd.name == "tokenizer":
+        if not rest or rest[0] != "train":
+            print("usage: softmask tokenizer train --config ... [--key=value ...]", file=sys.stderr)
+            return 2
+        rest = rest[1:]
+    parser = _parser(cmd)
+    ns, unknown = parser.parse_known_args(rest)
+    bad = [u for u in unknown if not (u.startswith("--") and "=" in u)]
+    if bad:
+        parser.error(f"unrecognised arguments {bad} (overrides are --section.key=value)")
+    options = {k[4:]: v for k, v in vars(ns).items() if k.startswith("opt_")}
+    extras = {k: v for k, v in vars(ns).items() if not k.startswith("opt_") and k != "config"}
+    try:
+        cfg = build_config(cmd, ns.config, unknown, options)
+    except ConfigError as e:
+        print(f"softmask {cmd.name}: config error: {e}", file=sys.stderr)
+        return 2
+    runner: Callable[[Any, dict], int] = _resolve(cmd.main)
+    return int(runner(cfg, extras) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

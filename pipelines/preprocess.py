@@ -1,0 +1,531 @@
+"""Preprocessing stage: raw text -> tokenised, packed, zstd Parquet shards + manifest.json (local or s3://).
+
+    from pipelines.preprocess import PreprocessConfig, SourceConfig, run
+    manifest = run(PreprocessConfig(sources=[SourceConfig("corpus://shakespeare")], output="artifacts/data/shk"))
+
+Flow: resolve sources (files, globs, dirs, ``s3://``, ``corpus://name``, HF ``save_to_disk`` dirs) and fingerprint
+them (sha256) -> plan shards deterministically (byte ranges aligned to document boundaries / row ranges) -> run the
+pending shards as Ray tasks (``workers.tokenize.tokenize_shard``: a TokenizeShard with its tokenizer loaded once per
+worker process; fractional CPUs, bounded concurrency) -> manifest.
+
+Determinism: a shard depends only on its pieces and the output-affecting config, never on which worker ran it or when,
+so 1 vs N workers and interrupted vs clean runs give byte-identical shards and manifest. Resume: each finished shard
+leaves a receipt (``_progress/shard-XXXXX.json``, kept beside the shards); a rerun re-hashes the shard files and skips
+shards whose receipt key and hashes match, so a damaged dataset is repaired shard by shard. A complete dataset (manifest present, same config, shards intact) is returned without any work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob as globlib
+import hashlib
+import inspect
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from infra.config import ConfigError, config_hash, field, require, to_dict
+from workers import shard_io
+from workers.tokenize import SPLITS, TokenizeSettings, next_boundary, receipt_uri
+
+log = logging.getLogger("softmask.preprocess")
+
+# suffix -> source kind for format "auto"
+SUFFIX_KINDS = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text", ".jsonl": "jsonl",
+                ".ndjson": "jsonl", ".parquet": "parquet"}
+HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")  # a datasets save_to_disk folder
+# config fields that change how a run executes but never its output (left out of the config hash)
+EXECUTION_ONLY = ("output", "num_workers", "worker_cpus", "overwrite", "progress", "s3_endpoint_url", "s3_region",
+                  "ray_address")
+
+
+class BadInputError(ValueError):
+    """Unusable input: a bad record in strict mode, an empty input, no training rows."""
+
+
+@dataclass
+class SourceConfig:
+    """One input: a file, a glob, a directory, an s3:// URI or glob, ``corpus://<name>[/<glob>]``, or a HF dataset
+    saved with ``save_to_disk``."""
+
+    path: str = field("", "file / glob / directory / s3:// URI or glob / corpus://name[/glob] / HF save_to_disk dir")
+    format: Literal["auto", "text", "jsonl", "parquet", "hf_disk"] = field(
+        "auto", "auto = by suffix (.txt/.md/.rst text, .jsonl jsonl, .parquet parquet; a dir with dataset_info.json "
+                "is hf_disk)")
+    hf_split: str = field("train", "split to read when an hf_disk path holds a DatasetDict")
+
+    def __post_init__(self) -> None:
+        require(bool(self.path), "sources.path", "is required")
+
+
+@dataclass
+class PreprocessConfig:
+    """The ``preprocess:`` section. Every field but those in EXECUTION_ONLY enters the dataset's config hash."""
+
+    sources: list[SourceConfig | str] = field(None, "inputs, read in this order (a plain string = {path: ...})",
+                                             factory=list)
+    output: str = field("artifacts/datasets/default", "dataset root: local dir or s3://bucket/prefix")
+    mode: Literal["pretrain", "sft"] = field("pretrain", "pretrain: EOS-joined documents packed into seq_len blocks; "
+                                                         "sft: one padded prompt/response row per record")
+    seq_len: int = field(256, "tokens per row")
+    tokenizer: str = field("gpt2", "'gpt2' (official GPT-2 BPE), a tokenizer.json path or a HF tokenizer directory")
+    tokenizer_add_missing_specials: bool = field(False, "add <|endoftext|>/<|mask|> when the tokenizer lacks EOS/MASK "
+                                                        "(default: error)")
+    text_document: Literal["file", "paragraph", "line"] = field(
+        "file", "what one document is in a text file: the whole file, a blank-line separated paragraph, or a line")
+    text_field: str = field("text", "jsonl/parquet/hf column holding the document (pretrain)")
+    prompt_field: str = field("prompt", "column holding the prompt (sft)")
+    response_field: str = field("response", "column holding the response (sft)")
+    messages_field: str = field("messages", "column holding HF chat messages [{role, content}] (sft; used when "
+                                            "present, the last turn must be the assistant's)")
+    sft_padding: Literal["eos_trained", "ignored"] = field(
+        "eos_trained", "sft padding: EOS scored by the loss (loss_mask 1) or PAD ignored (loss_mask 0)")
+    overlength: Literal["auto", "wrap", "truncate", "skip"] = field(
+        "auto", "a document/record longer than seq_len: wrap across blocks (pretrain only), truncate, or skip (a "
+                "counted skip; an error in strict mode); auto = wrap for pretrain, skip for sft")
+    strict: bool = field(False, "raise on the first bad record/file instead of counting and logging a skip")
+    validation_fraction: float = field(0.05, "share of documents (by content hash) routed to the validation split")
+    split_salt: str = field("softmask", "salt of the document hash that assigns splits")
+    shard_bytes: int = field(4 << 20, "target input bytes per shard (text/jsonl)")
+    shard_rows: int = field(50_000, "target input rows per shard (parquet / hf_disk)")
+    num_workers: int = field(0, "Ray tokeniser actors (0 = one per Ray CPU)")
+    worker_cpus: float = field(0.5, "Ray CPUs reserved per actor; keep the pool below the cluster's CPUs (a pool "
+                                    "taking every CPU can deadlock)")
+    overwrite: bool = field(False, "replace a dataset at `output` that was built with a different config")
+    progress: bool = field(True, "show a progress bar (tokens/s) and print the summary")
+    s3_endpoint_url: str | None = field(None, "S3 endpoint (default: AWS_ENDPOINT_URL); credentials only via the "
+                                              "environment")
+    s3_region: str | None = field(None, "S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
+    ray_address: str | None = field(None, "Ray cluster to join when Ray is not initialised (None: local Ray)")
+
+    def __post_init__(self) -> None:
+        self.sources = [SourceConfig(path=s) if isinstance(s, str) else s for s in (self.sources or [])]
+        require(bool(self.sources), "sources", "at least one source is required")
+        require(bool(self.output), "output", "is required")
+        require(self.seq_len >= 8, "seq_len", f"must be >= 8, got {self.seq_len}")
+        require(0.0 <= self.validation_fraction < 1.0, "validation_fraction", "must be in [0, 1)")
+        require(self.shard_bytes >= 1024, "shard_bytes", "must be >= 1024")
+        require(self.shard_rows >= 1, "shard_rows", "must be >= 1")
+        require(self.num_workers >= 0, "num_workers", "must be >= 0")
+        require(0.0 < self.worker_cpus <= 64, "worker_cpus", "must be in (0, 64]")
+        require(not (self.mode == "sft" and self.overlength == "wrap"), "overlength",
+                "wrap is for pretrain only (an sft record is one row)")
+        require(not (self.mode == "sft" and self.text_document != "file"), "text_document",
+                "sft reads jsonl/parquet/hf records, not plain text")
+
+    @property
+    def resolved_overlength(self) -> str:
+        if self.overlength != "auto":
+            return self.overlength
+        return "wrap" if self.mode == "pretrain" else "skip"
+
+    def storage_options(self) -> dict:
+        return shard_io.storage_options_from_env({"endpoint_url": self.s3_endpoint_url, "region": self.s3_region})
+
+
+@dataclass
+class PreprocessResult:
+    manifest: shard_io.DatasetManifest
+    stats: dict  # run-only facts (not in the manifest): seconds, tokens/s, shards run/skipped, worker peak RSS
+
+
+def output_config(cfg: PreprocessConfig) -> dict:
+    d = to_dict(cfg)
+    for k in EXECUTION_ONLY:
+        d.pop(k)
+    d["overlength"] = cfg.resolved_overlength
+    return d
+
+
+def code_version() -> str:
+    """Hash of the code that determines the bytes written (tokenizer, readers/packer, shard IO, planner)."""
+    import models.tokenizer
+    import workers.tokenize
+
+    h = hashlib.sha256()
+    for mod in (models.tokenizer, workers.tokenize, shard_io, sys.modules[__name__]):
+        h.update(open(inspect.getsourcefile(mod), "rb").read())
+    return "src-" + h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ sources
+def _is_hf_dir(path: str, fs) -> bool:
+    return fs.isdir(path) and any(fs.exists(f"{path}/{n}") for n in HF_MARKERS)
+
+
+def _kind(path: str, src: SourceConfig, fs) -> str:
+    if src.format != "auto":
+        return src.format
+    if _is_hf_dir(path, fs):
+        return "hf_disk"
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in SUFFIX_KINDS:
+        raise ConfigError(f"sources: cannot tell the format of {path!r} (suffix {ext or 'none'}); "
+                          f"set sources[].format to one of text/jsonl/parquet/hf_disk")
+    return SUFFIX_KINDS[ext]
+
+
+def _expand(src: SourceConfig, i: int, so: dict) -> list[tuple[str, str]]:
+    """(uri, kind) of every file (or hf_disk dir) of source ``i``, sorted; FileNotFoundError names the source."""
+    spec = src.path
+    if spec.startswith("corpus://"):
+        from pipelines.corpus import ensure_corpus
+
+        name, _, pattern = spec[len("corpus://"):].partition("/")
+        spec = os.path.join(str(ensure_corpus(name)), pattern or "*.txt")
+    fs, path = shard_io.filesystem(spec, so)
+    prefix = "s3://" if shard_io.is_s3(spec) else ""
+    if globlib.has_magic(path):
+        paths = sorted(p for p in fs.glob(path) if not fs.isdir(p))
+    elif fs.isdir(path) and (src.format == "hf_disk" or _is_hf_dir(path, fs)):
+        paths = [path]
+    elif fs.isdir(path):
+        paths = sorted(p for p in fs.find(path) if os.path.splitext(p)[1].lower() in SUFFIX_KINDS)
+    elif fs.exists(path):
+        paths = [path]
+    else:
+        raise FileNotFoundError(f"sources[{i}] {src.path!r}: no such file or directory")
+    if not paths:
+        raise FileNotFoundError(f"sources[{i}] {src.path!r}: no input files match")
+    return [(prefix + p, _kind(p, src, fs)) for p in paths]
+
+
+def _fingerprint(uri: str, kind: str, so: dict) -> dict:
+    """sha256 of the content (hf_disk: of its files), size, and rows for row-based kinds."""
+    fs, path = shard_io.filesystem(uri, so)
+    if kind == "hf_disk":
+        h, size = hashlib.sha256(), 0
+        for f in sorted(fs.find(path)):
+            data = fs.cat_file(f)
+            h.update(os.path.relpath(f, path).encode() + b"\0" + hashlib.sha256(data).digest())
+            size += len(data)
+        return {"uri": uri, "kind": kind, "bytes": size, "sha256": h.hexdigest()}
+    h, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return {"uri": uri, "kind": kind, "bytes": size, "sha256": h.hexdigest()}
+
+
+def _num_rows(fp: dict, hf_split: str, so: dict) -> int:
+    if fp["kind"] == "parquet":
+        import pyarrow.parquet as pq
+
+        fs, path = shard_io.filesystem(fp["uri"], so)
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    import datasets
+
+    ds = datasets.load_from_disk(fp["uri"])
+    if isinstance(ds, datasets.DatasetDict):
+        if hf_split not in ds:
+            raise ConfigError(f"sources.hf_split: {fp['uri']} has no split {hf_split!r} (has {sorted(ds)})")
+        ds = ds[hf_split]
+    return ds.num_rows
+
+
+# ------------------------------------------------------------------------------------------------ planning
+def _byte_ranges(uri: str, size: int, target: int, boundary: str | None, so: dict) -> list[tuple[int, int]]:
+    """Cut [0, size) near multiples of ``target``, each cut moved forward to just past a document separator."""
+    if boundary is None or size <= target:
+        return [(0, size)]
+    cuts, pos = [0], 0
+    while pos + target < size:
+        probe, window, cut = pos + target, 1 << 16, None
+        while cut is None and probe < size:
+            data = shard_io.read_bytes(uri, so, probe, min(size, probe + window))
+            off = next_boundary(data, boundary)
+            if off is not None and probe + off < size:
+                cut = probe + off
+            elif off is not None:
+                break
+            else:  # no separator in this window: keep looking (overlap one byte: separators span 2+ bytes)
+                probe += max(1, len(data) - 8)
+                window *= 2
+        if cut is None:
+            break
+        cuts.append(cut)
+        pos = cut
+    cuts.append(size)
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def plan_shards(cfg: PreprocessConfig, files: list[dict], settings_hash: str, so: dict) -> list[dict]:
+    """Deterministic jobs: pieces (byte or row ranges) grouped in source order into shards of ~1 target unit."""
+    boundary = {"file": None, "paragraph": "paragraph", "line": "line"}[cfg.text_document]
+    pieces: list[tuple[float, dict]] = []  # (weight in shard units, piece)
+    for fp in files:
+        base = {"uri": fp["uri"], "kind": fp["kind"], "sha256": fp["sha256"]}
+        if fp["kind"] in ("text", "jsonl"):
+            b = boundary if fp["kind"] == "text" else "line"
+            for a, z in _byte_ranges(fp["uri"], fp["bytes"], cfg.shard_bytes, b, so):
+                pieces.append(((z - a) / cfg.shard_bytes, {**base, "start": a, "end": z}))
+        else:
+            for a in range(0, fp["rows"], cfg.shard_rows):
+                z = min(fp["rows"], a + cfg.shard_rows)
+                extra = {"hf_split": fp["hf_split"]} if fp["kind"] == "hf_disk" else {}
+                pieces.append(((z - a) / cfg.shard_rows, {**base, "start": a, "end": z, **extra}))
+    jobs, cur, weight = [], [], 0.0
+    for w, piece in pieces:
+        cur.append(piece)
+        weight += w
+        if weight >= 1.0:
+            jobs.append(cur)
+            cur, weight = [], 0.0
+    if cur:
+        jobs.append(cur)
+    out = []
+    for i, ps in enumerate(jobs):
+        key = hashlib.sha256(json.dumps({"settings": settings_hash, "pieces": ps}, sort_keys=True).encode())
+        out.append({"index": i, "key": key.hexdigest(), "pieces": ps})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def _receipt(out: str, job: dict, so: dict) -> dict | None:
+    """The job's receipt when its key matches and every shard it names exists with the recorded sha256."""
+    try:
+        rec = json.loads(shard_io.read_bytes(receipt_uri(out, job["index"]), so))
+    except (FileNotFoundError, ValueError):
+        return None
+    if rec.get("key") != job["key"]:
+        return None
+    for sh in rec["shards"].values():
+        try:
+            if shard_io.sha256_hex(shard_io.read_bytes(shard_io.join_uri(out, sh["path"]), so)) != sh["sha256"]:
+                return None
+        except FileNotFoundError:
+            return None
+    return rec
+
+
+def _cleanup(out: str, keep: set[str], keep_receipts: set[str], so: dict) -> None:
+    """Delete temp leftovers of interrupted writes, and shard files / receipts that the plan does not produce
+    (our own naming only)."""
+    for split in SPLITS:
+        for uri in shard_io.list_files(shard_io.join_uri(out, split), so):
+            name = uri.rsplit("/", 1)[-1]
+            rel = f"{split}/{name}"
+            if shard_io.is_temp_name(uri) or (name.startswith("shard-") and rel not in keep):
+                shard_io.remove(uri, so)
+    for uri in shard_io.list_files(shard_io.join_uri(out, "_progress"), so):
+        name = uri.rsplit("/", 1)[-1]
+        if shard_io.is_temp_name(uri) or (name.startswith("shard-") and f"_progress/{name}" not in keep_receipts):
+            shard_io.remove(uri, so)
+
+
+# ------------------------------------------------------------------------------------------------ execution
+def _run_jobs(cfg: PreprocessConfig, settings: TokenizeSettings, jobs: list[dict], total_bytes: int,
+              done_bytes: int) -> tuple[list[dict], dict]:
+    """Run ``jobs`` as Ray tasks, at most ``num_workers`` at a time, each reserving ``worker_cpus``.
+
+    The task body (``workers.tokenize.tokenize_shard``) keeps one TokenizeShard (tokenizer loaded once) per worker
+    process, and Ray reuses worker processes across tasks and runs. Returns receipts and peak RSS (MB) per worker.
+    """
+    import ray
+    from tqdm import tqdm
+
+    from workers.tokenize import tokenize_shard
+
+    n = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    task = ray.remote(num_cpus=cfg.worker_cpus, max_retries=3)(tokenize_shard)
+    sdict = dataclasses.asdict(settings)
+    sref = ray.put(sdict)
+    bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, disable=not cfg.progress,
+               desc="preprocess", file=sys.stderr, dynamic_ncols=True)
+    job_bytes = {j["index"]: sum(p["end"] - p["start"] for p in j["pieces"] if p["kind"] in ("text", "jsonl"))
+                 for j in jobs}
+    queue, inflight, results, peak, t0, tokens = list(jobs), {}, [], {}, time.monotonic(), 0
+    try:
+        while queue or inflight:
+            while queue and len(inflight) < n:
+                job = queue.pop(0)
+                inflight[task.remote(sref, job)] = job
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            job = inflight.pop(ready[0])
+            res = ray.get(ready[0])
+            if "error" in res:
+                raise BadInputError(f"strict mode: {res['error']}")
+            w = res.pop("worker")
+            peak[w["pid"]] = max(peak.get(w["pid"], 0.0), w["peak_rss_mb"])
+            results.append(res)
+            tokens += sum(res["stats"]["doc_tokens"].values())
+            bar.update(job_bytes[job["index"]])
+            bar.set_postfix_str(f"{tokens / max(time.monotonic() - t0, 1e-9):,.0f} tok/s")
+    finally:
+        bar.close()
+        for ref in inflight:
+            ray.cancel(ref, force=False)
+    return results, peak
+
+
+def _merge_counts(into: dict, add: dict) -> None:
+    for k, v in add.items():
+        into[k] = into.get(k, 0) + v
+
+
+def execute(cfg: PreprocessConfig) -> PreprocessResult:
+    """``run`` plus run statistics (for benchmarks and the CLI)."""
+    from models.tokenizer import load_tokenizer
+
+    t_start = time.monotonic()
+    so = cfg.storage_options()
+    out = cfg.output.rstrip("/")
+    if not shard_io.is_s3(out):
+        out = os.path.abspath(os.path.expanduser(out))
+    tok = load_tokenizer(cfg.tokenizer, add_missing_specials=cfg.tokenizer_add_missing_specials)
+    # -------------------------------------------------------------------------------- sources
+    files, skipped, examples = [], {}, []
+    for i, src in enumerate(cfg.sources):
+        for uri, kind in _expand(src, i, so):
+            fp = _fingerprint(uri, kind, so)
+            if kind in ("parquet", "hf_disk"):
+                fp["hf_split"] = src.hf_split
+                fp["rows"] = _num_rows(fp, src.hf_split, so)
+            if fp["bytes"] == 0 or fp.get("rows", 1) == 0:
+                if cfg.strict:
+                    raise BadInputError(f"strict mode: empty input file {uri}")
+                _merge_counts(skipped, {"empty_file": 1})
+                examples.append(f"empty_file at {uri}")
+                continue
+            files.append(fp)
+    if not files:
+        raise BadInputError(f"empty input: every file of sources {[s.path for s in cfg.sources]} is empty")
+    ocfg = output_config(cfg)
+    chash, cver = config_hash(ocfg), code_version()
+    settings_hash = config_hash({"cfg": {k: v for k, v in ocfg.items() if k != "sources"}, "tok": tok.sha256,
+                                 "code": cver})
+    sources = [{k: fp[k] for k in ("uri", "kind", "bytes", "sha256", "rows") if k in fp} for fp in files]
+    # -------------------------------------------------------------------------------- existing dataset
+    try:
+        old = shard_io.DatasetManifest.load(out, so)
+    except FileNotFoundError:
+        old = None
+    if old is not None:
+        same = (old.config_hash == chash and old.sources == sources and old.tokenizer["sha256"] == tok.sha256
+                and old.code_version == cver)
+        if same and not old.verify(so):
+            _log_summary(cfg, old, {"seconds": time.monotonic() - t_start, "shards_run": 0,
+                                    "shards_skipped": old.totals.get("shards", 0)}, up_to_date=True)
+            return PreprocessResult(old, {"seconds": time.monotonic() - t_start, "shards_run": 0, "up_to_date": True})
+        if old.config_hash != chash and not cfg.overwrite:
+            raise ConfigError(f"output: {out} holds a dataset built with another config (config_hash "
+                              f"{old.config_hash} vs {chash}); choose another output or set overwrite=true")
+        if not same:  # same recipe, but inputs, tokenizer or code changed (or shards damaged): rebuild in place
+            log.info("rebuilding %s: inputs, tokenizer, code or shards changed since its manifest", out)
+        shard_io.remove(shard_io.DatasetManifest.manifest_uri(out), so)  # from here on the dir is "in progress"
+    # -------------------------------------------------------------------------------- plan + resume
+    jobs = plan_shards(cfg, files, settings_hash, so)
+    receipts = {j["index"]: r for j in jobs if (r := _receipt(out, j, so)) is not None}
+    pending = [j for j in jobs if j["index"] not in receipts]
+    keep = {sh["path"] for r in receipts.values() for sh in r["shards"].values()}
+    _cleanup(out, keep, {f"_progress/shard-{j['index']:05d}.json" for j in jobs}, so)
+    total_bytes = sum(fp["bytes"] for fp in files if fp["kind"] in ("text", "jsonl"))
+    done_bytes = sum(p["end"] - p["start"] for j in jobs if j["index"] in receipts
+                     for p in j["pieces"] if p["kind"] in ("text", "jsonl"))
+    settings = TokenizeSettings(
+        mode=cfg.mode, seq_len=cfg.seq_len, tokenizer=cfg.tokenizer, out_root=out,
+        add_missing_specials=cfg.tokenizer_add_missing_specials, tokenizer_sha256=tok.sha256,
+        text_document=cfg.text_document,
+        text_field=cfg.text_field, prompt_field=cfg.prompt_field, response_field=cfg.response_field,
+        messages_field=cfg.messages_field, sft_padding=cfg.sft_padding, overlength=cfg.resolved_overlength,
+        strict=cfg.strict, validation_fraction=cfg.validation_fraction, split_salt=cfg.split_salt,
+        storage_options={k: v for k, v in so.items() if k in ("endpoint_url", "region")})
+    t_work = time.monotonic()
+    peak: dict = {}
+    if pending:
+        started = _ensure_ray(cfg)
+        try:
+            new, peak = _run_jobs(cfg, settings, pending, total_bytes, done_bytes)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+        receipts.update({r["index"]: r for r in new})
+    work_s = time.monotonic() - t_work
+    manifest = _build_manifest(cfg, out, tok, jobs, receipts, skipped, examples, chash, cver, sources, ocfg, so)
+    run_tokens = sum(sum(receipts[j["index"]]["stats"]["doc_tokens"].values()) for j in pending)
+    stats = {"seconds": time.monotonic() - t_start, "work_seconds": work_s, "shards_run": len(pending),
+             "shards_skipped": len(jobs) - len(pending), "tokens_run": run_tokens,
+             "tokens_per_s": run_tokens / work_s if pending and work_s > 0 else 0.0,
+             "workers": len(peak), "worker_peak_rss_mb": sorted(peak.values())}
+    _log_summary(cfg, manifest, stats)
+    return PreprocessResult(manifest, stats)
+
+
+def run(cfg: PreprocessConfig) -> shard_io.DatasetManifest:
+    """Build (or resume, or confirm) the dataset described by ``cfg``; returns its manifest."""
+    return execute(cfg).manifest
+
+
+def _ensure_ray(cfg: PreprocessConfig) -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return False
+    from infra.ray_runtime import RayConfig, init_ray
+
+    # "local" unless an address is given: never attach silently to another Ray found on this host
+    return init_ray(RayConfig(address=cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"))
+
+
+def _build_manifest(cfg, out, tok, jobs, receipts, skipped, examples, chash, cver, sources, ocfg, so):
+    splits = {sp: [] for sp in SPLITS}
+    totals = {"docs": {sp: 0 for sp in SPLITS}, "doc_tokens": {sp: 0 for sp in SPLITS},
+              "rows": {sp: 0 for sp in SPLITS}, "tokens": {sp: 0 for sp in SPLITS},
+              "dropped_tail_tokens": {sp: 0 for sp in SPLITS}, "skipped": dict(skipped), "shards": len(jobs),
+              "source_files": len(sources), "source_bytes": sum(s["bytes"] for s in sources)}
+    for j in jobs:
+        rec = receipts[j["index"]]
+        for sp in SPLITS:
+            if sp in rec["shards"]:
+                splits[sp].append(shard_io.ShardInfo(**rec["shards"][sp]))
+                totals["tokens"][sp] += rec["shards"][sp]["tokens"]
+            for k in ("docs", "doc_tokens", "rows", "dropped_tail_tokens"):
+                totals[k][sp] += rec["stats"][k].get(sp, 0)
+        _merge_counts(totals["skipped"], rec["stats"]["skipped"])
+        examples.extend(rec.get("skip_examples", []))
+    totals["skipped"] = dict(sorted(totals["skipped"].items()))
+    for e in examples[:20]:
+        log.warning("skipped %s", e)
+    if sum(totals["docs"].values()) == 0:
+        raise BadInputError(f"empty input: no usable documents in {len(sources)} file(s); skipped: "
+                            f"{totals['skipped'] or 'none'}")
+    if totals["rows"]["train"] == 0:
+        raise BadInputError(f"no training rows: {totals['doc_tokens']['train']} train tokens do not fill one "
+                            f"seq_len={cfg.seq_len} block (more data or a smaller seq_len)")
+    tok_dir = "tokenizer"
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        tok.save(d)
+        for name in sorted(os.listdir(d)):
+            with open(os.path.join(d, name), "rb") as f:
+                shard_io.write_bytes_atomic(shard_io.join_uri(out, tok_dir, name), f.read(), so)
+    m = shard_io.DatasetManifest(mode=cfg.mode, seq_len=cfg.seq_len, tokenizer={**tok.info(), "dir": tok_dir},
+                                 splits=splits, config_hash=chash, sources=sources, code_version=cver, totals=totals,
+                                 config=ocfg)
+    m.save(out, so)
+    return m
+
+
+def _log_summary(cfg: PreprocessConfig, m: shard_io.DatasetManifest, stats: dict, up_to_date: bool = False) -> None:
+    t = m.totals
+    lines = [f"preprocess {'(up to date) ' if up_to_date else ''}-> {m.root}",
+             f"  documents: train {t['docs']['train']:,}  validation {t['docs']['validation']:,}",
+             f"  tokens:    train {t['tokens']['train']:,} in {t['rows']['train']:,} rows, validation "
+             f"{t['tokens']['validation']:,} in {t['rows']['validation']:,} rows (seq_len {m.seq_len}); "
+             f"dropped tail tokens {sum(t['dropped_tail_tokens'].values()):,}",
+             f"  shards:    {t['shards']} planned, {stats.get('shards_run', 0)} run, "
+             f"{stats.get('shards_skipped', 0)} already complete; {stats['seconds']:.1f}s"
+             + (f", {stats['tokens_per_s']:,.0f} tok/s" if stats.get("tokens_per_s") else ""),
+             f"  skipped:   {', '.join(f'{k}={v}' for k, v in t['skipped'].items()) or 'none'}"]
+    for line in lines:
+        log.info(line)
+    if cfg.progress:
+        print("\n".join(lines), file=sys.stderr)

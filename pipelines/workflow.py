@@ -1,0 +1,282 @@
+"""One reproducible workflow: preprocess -> train -> evaluate -> deploy. Prefect orchestrates, Ray computes.
+
+Every stage output lives at a content-addressed location ``<run_root>/<stage>/<key>``; the key hashes the stage's
+resolved config, its upstream key/fingerprint and the code version of the packages it runs. A stage whose
+``_stage.json`` exists with that key is skipped (its body does not run); Prefect's cache key is the same key, so the
+Prefect UI shows those tasks as Cached. ``force`` reruns a stage and everything after it. A failed run resumes from
+the failed stage (training itself resumes from its latest checkpoint: same run name + storage path).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import urllib.request
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+from infra.config import ConfigError, field, require, to_dict
+from pipelines import lineage
+from pipelines.evaluate import EvalConfig
+from pipelines.preprocess import PreprocessConfig
+from pipelines.serve import ServeStageConfig
+from pipelines.tokenizer_train import TokenizerTrainConfig
+from workers.train_config import TrainConfig
+
+STAGES = ("preprocess", "train", "evaluate", "deploy")
+STAGE_CODE = {"preprocess": ("models", "workers", "infra"), "train": ("models", "workers", "infra"),
+              "evaluate": ("models", "workers", "infra", "pipelines")}
+STAGE_RUNS: dict[str, int] = {s: 0 for s in STAGES}  # bodies executed in this process (observability and tests)
+
+
+@dataclass
+class DeployConfig:
+    """The deploy step and the request that proves it works."""
+
+    prompt: str = field("ROMEO:", "prompt of the request sent to the deployed sampler")
+    max_tokens: int = field(48, "completion tokens of that request")
+    steps: int = field(48, "denoising steps of that request")
+    seed: int = field(0, "sampling seed of that request")
+    cluster_cpus: int = field(0, "CPUs of the local Ray cluster `softmask run` starts (0 = the machine's cores)")
+    address: str | None = field(None, "Ray cluster to run on and deploy to (None: RAY_ADDRESS, else a local cluster "
+                                      "that `softmask run` starts and stops)")
+
+    def __post_init__(self):
+        require(self.max_tokens >= 1 and self.steps >= 1, "max_tokens", "max_tokens and steps must be >= 1")
+
+
+@dataclass
+class WorkflowConfig:
+    """The whole workflow (each section is the stage's own config; paths between stages are filled in)."""
+
+    name: str = field("softmask", "workflow name (Prefect flow-run name prefix)")
+    run_root: str = field("artifacts", "root of every artifact: local dir or s3://bucket/prefix")
+    stages: list[str] = field(None, f"stages to run, in order, a prefix of {list(STAGES)}", factory=lambda: list(STAGES))
+    use_prefect: bool = field(True, "run the stages as Prefect tasks (False: plain calls with the same skipping)")
+    tokenizer: TokenizerTrainConfig | None = field(None, "train a byte-level BPE first (part of the preprocess stage) "
+                                                         "and use it as preprocess.tokenizer; None = use "
+                                                         "preprocess.tokenizer as given")
+    preprocess: PreprocessConfig = field(None, "preprocessing stage", factory=PreprocessConfig)
+    train: TrainConfig = field(None, "training stage", factory=TrainConfig)
+    evaluate: EvalConfig = field(None, "evaluation stage", factory=EvalConfig)
+    serve: ServeStageConfig = field(None, "the serving application of the deploy stage", factory=ServeStageConfig)
+    deploy: DeployConfig = field(None, "deploy step", factory=DeployConfig)
+
+    # Links between stages: the workflow fills these in from the upstream stage's content-addressed output.
+    derived_fields = {"preprocess.output": "<workflow>", "train.data.manifest": "<workflow>",
+                      "evaluate.checkpoint": "<workflow>", "evaluate.manifest": "<workflow>",
+                      "serve.checkpoint": "<workflow>"}
+
+    def __post_init__(self):
+        require(list(self.stages) == list(STAGES[:len(self.stages)]) and self.stages, "stages",
+                f"must be a non-empty prefix of {list(STAGES)}, got {self.stages}")
+
+
+@dataclass
+class WorkflowResult:
+    run_id: str
+    lineage_uri: str
+    records: dict[str, dict]
+    reply: dict | None = None
+
+    @property
+    def executed(self) -> dict[str, bool]:
+        return {s: r.get("executed", False) for s, r in self.records.items()}
+
+
+# ------------------------------------------------------------------------------------------------ stage bodies
+def _without(cfg: Any, *paths: str) -> dict:
+    """Config dict with path-like fields blanked (they are derived from keys, so they must not feed the keys)."""
+    d = to_dict(cfg)
+    for p in paths:
+        node = d
+        *parents, last = p.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = None
+    return d
+
+
+def _run_stage(stage: str, key: str, out_dir: str, body: Callable[[], dict], force: bool) -> dict:
+    """Skip when ``out_dir`` holds a completion record for ``key``; else run ``body`` and record it."""
+    rec = lineage.stage_record(out_dir)
+    if rec and rec.get("key") == key and not force:
+        return {**rec, "executed": False}
+    STAGE_RUNS[stage] += 1
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    outputs = body()
+    rec = lineage.complete(out_dir, {"stage": stage, "key": key, "dir": out_dir, "started_at": started, **outputs})
+    return {**rec, "executed": True}
+
+
+def plan_tokenizer(cfg: WorkflowConfig) -> TokenizerTrainConfig | None:
+    if cfg.tokenizer is None:
+        return None
+    key = lineage.digest("tokenizer", _without(cfg.tokenizer, "output"), lineage.code_version("models"))
+    return replace(cfg.tokenizer, output=lineage.join(cfg.run_root, "tokenizers", key))
+
+
+def plan_preprocess(cfg: WorkflowConfig) -> tuple[str, PreprocessConfig]:
+    from pipelines.preprocess import code_version, output_config
+
+    tok = plan_tokenizer(cfg)
+    pre = replace(cfg.preprocess, tokenizer=tok.output) if tok else cfg.preprocess
+    base = replace(pre, output="", tokenizer="" if tok else pre.tokenizer)
+    key = lineage.digest("preprocess", output_config(base), to_dict(tok) if tok else None, code_version())
+    return key, replace(pre, output=lineage.join(cfg.run_root, "datasets", key))
+
+
+def run_preprocess(cfg: WorkflowConfig, force: bool = False) -> dict:
+    from pipelines import preprocess, tokenizer_train
+
+    key, pcfg = plan_preprocess(cfg)
+    tok = plan_tokenizer(cfg)
+
+    def body() -> dict:
+        if tok is not None and (force or not lineage.exists(lineage.join(tok.output, "tokenizer.json"))):
+            tokenizer_train.run(tok)
+        m = preprocess.run(pcfg)
+        return {"manifest": pcfg.output, "fingerprint": m.fingerprint, "config": to_dict(pcfg)}
+
+    return _run_stage("preprocess", key, pcfg.output, body, force)
+
+
+def plan_train(cfg: WorkflowConfig, data: dict) -> tuple[str, TrainConfig]:
+    key = lineage.digest("train", _without(cfg.train, "data.manifest", "checkpoint.storage_path", "output_dir",
+                                           "run_name"), data["fingerprint"], lineage.code_version(*STAGE_CODE["train"]))
+    root = lineage.join(cfg.run_root, "train", key)
+    tcfg = replace(cfg.train, run_name="run", output_dir=lineage.join(root, "output"),
+                   data=replace(cfg.train.data, manifest=data["manifest"]),
+                   checkpoint=replace(cfg.train.checkpoint, storage_path=root))
+    return key, tcfg
+
+
+def run_train(cfg: WorkflowConfig, data: dict, force: bool = False) -> dict:
+    from pipelines import train
+
+    key, tcfg = plan_train(cfg, data)
+
+    def body() -> dict:
+        res = train.run(tcfg)
+        return {"export": res.export_uri, "output": res.output_uri, "checkpoint": res.checkpoint_uri,
+                "metrics": res.metrics, "plot": res.plot_uri, "inputs": [data["key"]], "config": to_dict(tcfg)}
+
+    return _run_stage("train", key, lineage.join(cfg.run_root, "train", key), body, force)
+
+
+def run_evaluate(cfg: WorkflowConfig, data: dict, model: dict, force: bool = False) -> dict:
+    from pipelines import evaluate
+
+    key = lineage.digest("evaluate", _without(cfg.evaluate, "checkpoint", "manifest", "output_dir"), model["key"],
+                         data["key"], lineage.code_version(*STAGE_CODE["evaluate"]))
+    out = lineage.join(cfg.run_root, "eval", key)
+    ecfg = replace(cfg.evaluate, checkpoint=model["export"], manifest=data["manifest"], output_dir=out)
+
+    def body() -> dict:
+        report = evaluate.run(ecfg)
+        summary = report.to_dict() if hasattr(report, "to_dict") else dataclasses.asdict(report)
+        return {"report": lineage.join(out, "eval.json"), "summary": _small(summary),
+                "inputs": [model["key"], data["key"]]}
+
+    return _run_stage("evaluate", key, out, body, force)
+
+
+def _small(d: Any, depth: int = 0) -> Any:
+    """Keep the record readable: drop long lists (samples) from the summary copied into lineage."""
+    if isinstance(d, dict):
+        return {k: _small(v, depth + 1) for k, v in d.items() if not (isinstance(v, list) and len(v) > 8)}
+    return d
+
+
+def run_deploy(cfg: WorkflowConfig, model: dict) -> dict:
+    """Deploy the export with Ray Serve on the current Ray (a cluster when RAY_ADDRESS/`address` is set) and send one
+    real request. Never cached: a deployment is a side effect."""
+    from pipelines import serve as serve_stage
+
+    STAGE_RUNS["deploy"] += 1
+    scfg = replace(cfg.serve, checkpoint=model["export"],
+                   address=cfg.deploy.address or os.environ.get("RAY_ADDRESS") or cfg.serve.address)
+    res = serve_stage.run(scfg)
+    body = {"model": res.model, "prompt": cfg.deploy.prompt, "max_tokens": cfg.deploy.max_tokens,
+            "steps": cfg.deploy.steps, "seed": cfg.deploy.seed}
+    req = urllib.request.Request(res.completions_url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        reply = json.loads(r.read())
+    return {"stage": "deploy", "url": res.url, "model": res.model, "request": body, "reply": reply,
+            "curl": res.example_curl(), "checkpoint": model["export"], "executed": True, "_serve_result": res}
+
+
+# ------------------------------------------------------------------------------------------------ orchestration
+def _prefect_task(stage: str, fn: Callable[..., dict], key_fn: Callable[..., str], refresh: bool):
+    from prefect import task
+
+    return task(fn, name=stage, cache_key_fn=lambda ctx, params: f"softmask-{stage}-{key_fn()}",
+                persist_result=True, result_serializer="json", refresh_cache=refresh, retries=0)
+
+
+def run_workflow(cfg: WorkflowConfig, force: list[str] | None = None) -> WorkflowResult:
+    """Run the configured stages in order (each skipped when complete); returns the records and the lineage."""
+    force = list(force or [])
+    bad = [f for f in force if f not in STAGES]
+    if bad:
+        raise ConfigError(f"force: unknown stage(s) {bad}; stages are {list(STAGES)}")
+    first_forced = min((STAGES.index(f) for f in force), default=len(STAGES))
+    forced = {s for i, s in enumerate(STAGES) if i >= first_forced}
+    if cfg.use_prefect:
+        from pipelines.orchestration import run_with_prefect
+
+        return run_with_prefect(cfg, forced)
+    return execute(cfg, forced, lambda stage, fn, key_fn, refresh: fn)
+
+
+def execute(cfg: WorkflowConfig, forced: set[str], wrap) -> WorkflowResult:
+    """The stage chain; ``wrap(stage, fn, key_fn, refresh)`` turns a stage function into a (Prefect) task."""
+    records: dict[str, dict] = {}
+
+    def call(stage, fn, key_fn, *args):
+        marker_ok = _marker_matches(cfg.run_root, stage, key_fn())
+        return wrap(stage, fn, key_fn, stage in forced or not marker_ok)(*args, force=stage in forced)
+
+    pre_key = lambda: plan_preprocess(cfg)[0]  # noqa: E731
+    records["preprocess"] = call("preprocess", _task_preprocess, pre_key, cfg)
+    data = records["preprocess"]
+    if "train" in cfg.stages:
+        records["train"] = call("train", _task_train, lambda: plan_train(cfg, data)[0], cfg, data)
+    if "evaluate" in cfg.stages:
+        ev_key = lambda: lineage.digest("evaluate", _without(cfg.evaluate, "checkpoint", "manifest", "output_dir"),  # noqa: E731
+                                        records["train"]["key"], data["key"],
+                                        lineage.code_version(*STAGE_CODE["evaluate"]))
+        records["evaluate"] = call("evaluate", _task_evaluate, ev_key, cfg, data, records["train"])
+    run_id = lineage.digest(to_dict(cfg), data["fingerprint"], lineage.code_version("models", "workers", "pipelines",
+                                                                                      "infra"))
+    result = WorkflowResult(run_id=run_id, lineage_uri="", records=records)
+    if "deploy" in cfg.stages:
+        records["deploy"] = run_deploy(cfg, records["train"])
+        result.reply = records["deploy"]["reply"]
+    result.lineage_uri = lineage.write_lineage(cfg.run_root, run_id, {
+        "run_id": run_id, "config": to_dict(cfg),
+        "stages": [{k: v for k, v in r.items() if not k.startswith("_")} for r in records.values()]})
+    return result
+
+
+_MARKER_DIRS = {"preprocess": "datasets", "train": "train", "evaluate": "eval"}
+
+
+def _marker_matches(run_root: str, stage: str, key: str) -> bool:
+    """True when the stage's output is complete on storage (Prefect's cache is only trusted then)."""
+    rec = lineage.stage_record(lineage.join(run_root, _MARKER_DIRS[stage], key))
+    return bool(rec and rec.get("key") == key)
+
+
+def _task_preprocess(cfg: WorkflowConfig, force: bool = False) -> dict:
+    return run_preprocess(cfg, force)
+
+
+def _task_train(cfg: WorkflowConfig, data: dict, force: bool = False) -> dict:
+    return run_train(cfg, data, force)
+
+
+def _task_evaluate(cfg: WorkflowConfig, data: dict, model: dict, force: bool = False) -> dict:
+    return run_evaluate(cfg, data, model, force)

@@ -1,0 +1,59 @@
+"""Shared fixtures. Real components only: a real local Ray, a real S3 server on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real SeaweedFS S3 server on 127.0.0.1 for the whole session; sets AWS_* env (before Ray starts)."""
+    from infra.s3 import LocalS3Server
+
+    server = LocalS3Server(tmp_path_factory.mktemp("s3data"))
+    server.start()
+    old = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """One real local Ray for the session, sized to the machine's real core count.
+
+    Depends on s3_server so that the S3 endpoint/credentials are in the environment before Ray starts.
+    """
+    import ray
+
+    from infra.ray_runtime import RayConfig, init_ray
+
+    started = init_ray(RayConfig(num_cpus=os.cpu_count()))
+    yield ray
+    if started:
+        try:
+            from ray import serve
+            serve.shutdown()
+        except Exception:
+            pass
+        ray.shutdown()

@@ -1,0 +1,86 @@
+"""Sampler invariants for every algorithm x soft-mask on/off."""
+import pytest
+import torch
+
+import models
+from models.sampling import ALGORITHMS, SamplerConfig, _pad_after_eos, sample
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = models.build_model(models.ModelConfig.from_flavor("debug", vocab_size=200))
+    with torch.no_grad():
+        m.sm_head.raw_scale.fill_(2.0)  # make SM matter (ω_s ≈ 0.88)
+        m.sm_head.raw_centre.fill_(6.0)  # ω_b ≈ −6 → λ large even for the flat random model (H ≈ 5.3)
+    return m.eval()
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("soft_mask", [True, False])
+def test_invariants(model, algorithm, soft_mask):
+    prompts = [[5, 6, 7, 8, 9], [10], [11, 12]]
+    cfg = SamplerConfig(steps=12, algorithm=algorithm, soft_mask=soft_mask, top_p=0.9)
+    out = sample(model, cfg, num_samples=3, length=24, prompt_ids=prompts, seed=3)
+    assert out.tokens.shape == (3, 24) and out.tokens.dtype == torch.long
+    assert not (out.tokens == model.mask_id).any()
+    for i, p in enumerate(prompts):
+        assert out.tokens[i, :len(p)].tolist() == p
+    again = sample(model, cfg, num_samples=3, length=24, prompt_ids=prompts, seed=3)
+    assert torch.equal(out.tokens, again.tokens)
+    assert out.nfe == 12  # one forward per step; SM adds none
+
+
+def test_sm_changes_samples_but_not_nfe(model):
+    on = sample(model, SamplerConfig(steps=16, soft_mask=True), 4, 32, seed=0)
+    off = sample(model, SamplerConfig(steps=16, soft_mask=False), 4, 32, seed=0)
+    assert on.nfe == off.nfe == 16
+    assert not torch.equal(on.tokens, off.tokens)
+
+
+def test_fixed_positions_blocks_eos_and_trajectory(model):
+    L = 32
+    fixed = torch.full((2, L), model.mask_id)
+    fixed[:, 10] = 42
+    fixed[:, 31] = 43
+    seen = []
+    out = sample(model, SamplerConfig(steps=8, block_length=8, algorithm="confidence"), 2, L, seed=1,
+                 fixed_tokens=fixed, on_step=lambda i, x: seen.append(i), return_trajectory=True)
+    assert (out.tokens[:, 10] == 42).all() and (out.tokens[:, 31] == 43).all()
+    assert seen == list(range(1, len(seen) + 1)) and len(out.trajectory) == len(seen) == 8
+    # semi-AR: after the first block's steps the later blocks are still fully masked
+    assert (out.trajectory[1][:, 16:30] == model.mask_id).all()
+    # EOS policy: everything after the first *generated* EOS becomes EOS; prompt EOS never truncates
+    x = torch.tensor([[5, 7, 5, 5, 7, 9, 9, 9]])
+    fixed = torch.tensor([[True, True, False, False, False, False, False, False]])
+    assert _pad_after_eos(x, fixed, 7).tolist() == [[5, 7, 5, 5, 7, 7, 7, 7]]
+    cfg = SamplerConfig(steps=8, eos_id=int(out.tokens[0, 12]), eos_policy="pad_after_eos")
+    res = sample(model, cfg, 2, L, seed=1, fixed_tokens=fixed_tokens_for(model, L)).tokens
+    for row in res:
+        hits = (row == cfg.eos_id).nonzero().flatten().tolist()
+        hits = [h for h in hits if h != 10]
+        if hits:
+            assert (row[hits[0]:] == cfg.eos_id).sum() >= len(row) - hits[0] - 1  # fixed position 10 kept
+
+
+def fixed_tokens_for(model, L):
+    fixed = torch.full((2, L), model.mask_id)
+    fixed[:, 10] = 42
+    return fixed
+
+
+def test_greedy_and_cache(model):
+    g1 = sample(model, SamplerConfig(steps=16, temperature=0.0, algorithm="confidence"), 2, 16, seed=1)
+    g2 = sample(model, SamplerConfig(steps=16, temperature=0.0, algorithm="confidence"), 2, 16, seed=2)
+    assert torch.equal(g1.tokens, g2.tokens)  # greedy confidence decoding ignores the seed
+    cached = sample(model, SamplerConfig(steps=64, cache_unchanged=True), 2, 16, seed=1)
+    assert cached.nfe < 64 and not (cached.tokens == model.mask_id).any()
+
+
+def test_bad_config_and_prompt(model):
+    with pytest.raises(ValueError, match="algorithm"):
+        SamplerConfig(algorithm="nope")
+    with pytest.raises(ValueError, match="top_p"):
+        SamplerConfig(top_p=0)
+    with pytest.raises(ValueError, match="longer than length"):
+        sample(model, SamplerConfig(steps=2), 1, 4, prompt_ids=[[1, 2, 3, 4, 5]])

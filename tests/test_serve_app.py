@@ -1,0 +1,246 @@
+"""Serving stage end to end: real Ray Serve, real HTTP on 127.0.0.1, a debug checkpoint written here and read from S3.
+
+One app for the module (2 sampler replicas, batching 8, short timeout, small queue). The CLI contract is in
+tests/test_serve_cli.py.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+APP = "softmask-test"
+# A few lines of real text (Shakespeare, public domain) for a tiny byte-level BPE.
+LINES = [
+    "Shall I compare thee to a summer's day? Thou art more lovely and more temperate:",
+    "Rough winds do shake the darling buds of May, And summer's lease hath all too short a date;",
+    "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer",
+    "The slings and arrows of outrageous fortune, Or to take arms against a sea of troubles",
+    "Now is the winter of our discontent Made glorious summer by this sun of York;",
+]
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_checkpoint(path: Path) -> Path:
+    """Debug-flavour model + BPE tokenizer saved side by side (the layout the training stage exports)."""
+    import torch
+
+    import models
+    from models.tokenizer import train_bpe
+
+    tok = train_bpe(LINES * 4, 320)
+    torch.manual_seed(0)
+    model = models.build_model(models.ModelConfig.from_flavor("debug", vocab_size=tok.vocab_size,
+                                                              mask_token_id=tok.mask_id))
+    with torch.no_grad():  # make soft-masking matter for the flat random model: ω_s ≈ 0.88, ω_b ≈ −10 -> λ ≈ ω_s
+        model.sm_head.raw_scale.fill_(2.0)
+        model.sm_head.raw_centre.fill_(10.0)
+    models.save_pretrained(model, path)
+    tok.save(path)
+    return path
+
+
+def post(url: str, body, timeout: float = 60.0) -> tuple[int, dict, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}"), dict(e.headers)
+
+
+def get(url: str) -> tuple[int, dict]:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.status, json.loads(r.read())
+
+
+def stream_events(url: str, body: dict) -> list:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    events = []
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for raw in r:
+            line = raw.decode().strip()
+            if line.startswith("data: "):
+                payload = line[len("data: "):]
+                events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("serve") / "debug-ckpt")
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, s3_server, checkpoint, tmp_path_factory):
+    """The app deployed by pipelines.serve.run from an s3:// copy of the checkpoint."""
+    from pipelines.serve import ServeStageConfig, run, shutdown
+
+    s3_server.create_bucket("serve-test")
+    client = s3_server.client()
+    for f in checkpoint.iterdir():
+        client.upload_file(str(f), "serve-test", f"ckpt/{f.name}")
+    cfg = ServeStageConfig(
+        checkpoint="s3://serve-test/ckpt", cache_dir=str(tmp_path_factory.mktemp("ckpt-cache")), model_name="debug",
+        app_name=APP, port=_free_port(), min_replicas=2, max_replicas=3, upscale_delay_s=60, num_cpus=0.25,
+        ingress_num_cpus=0.05, max_batch_size=8, max_ongoing_requests=8, batch_wait_timeout_s=0.2,
+        max_queued_requests=24,
+        request_timeout_s=6.0, max_prompt_tokens=96, max_tokens_limit=200, max_n=4, max_body_bytes=64 * 1024,
+        default_steps=8, default_max_tokens=16, torch_threads=1)
+    result = run(cfg)
+    try:
+        yield result
+    finally:
+        shutdown(result)
+
+
+def test_health_models_openapi(server):
+    assert get(f"{server.url}/healthz") == (200, {"status": "ok", "model": "debug"})
+    status, models_list = get(f"{server.url}/v1/models")
+    assert status == 200 and models_list["data"][0]["id"] == "debug" and models_list["data"][0]["max_seq_len"] == 256
+    _, spec = get(f"{server.url}/openapi.json")
+    assert {"/v1/completions", "/v1/models", "/healthz"} <= set(spec["paths"])
+    props = spec["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert {"prompt", "max_tokens", "steps", "algorithm", "soft_mask", "block_length", "stream"} <= set(props)
+
+
+def test_completion_is_deterministic_with_seed(server):
+    body = {"model": "debug", "prompt": "Shall I compare thee", "max_tokens": 24, "steps": 12, "seed": 7}
+    status, first, _ = post(server.completions_url, body)
+    assert status == 200, first
+    choice = first["choices"][0]
+    assert choice["text"] and choice["finish_reason"] in ("stop", "length")
+    assert 1 <= first["nfe"] <= 12 and first["seed"] == 7 and first["batch_size"] == 1
+    assert first["usage"]["prompt_tokens"] > 0
+    assert first["usage"]["total_tokens"] == first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"]
+    _, again, _ = post(server.completions_url, body)
+    assert again["choices"][0]["text"] == choice["text"]
+    _, other, _ = post(server.completions_url, {**body, "seed": 8})
+    assert other["choices"][0]["text"] != choice["text"]
+
+
+def test_soft_mask_on_and_off_both_serve(server):
+    base = {"prompt": ["To be, or not to be", "Now is the winter"], "n": 2, "max_tokens": 24, "steps": 12,
+            "seed": 3, "algorithm": "confidence"}
+    outs = {}
+    for sm in (True, False):
+        status, out, _ = post(server.completions_url, {**base, "soft_mask": sm})
+        assert status == 200, out
+        assert out["soft_mask"] is sm and len(out["choices"]) == 4 and out["batch_rows"] == 4
+        assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+        outs[sm] = [c["text"] for c in out["choices"]]
+    assert outs[True] != outs[False]  # same seed, different feedback -> different samples
+
+
+def test_streaming_steps_then_final_text(server):
+    body = {"prompt": "Rough winds do shake", "max_tokens": 24, "steps": 8, "seed": 11}
+    events = stream_events(server.completions_url, {**body, "stream": True})
+    assert events[-1] == "[DONE]"
+    steps = [e for e in events[:-1] if e["object"] == "text_completion.step"]
+    final = events[-2]
+    assert len(steps) >= 2 and [e["step"] for e in steps] == sorted({e["step"] for e in steps})
+    assert "_" in steps[0]["choices"][0]["text"]  # early steps still show masked positions
+    assert final["object"] == "text_completion" and final["nfe"] == len(steps) <= 8
+    _, plain, _ = post(server.completions_url, body)
+    assert final["choices"][0]["text"] == plain["choices"][0]["text"]
+    _, traced, _ = post(server.completions_url, {**body, "return_trajectory": True})
+    assert len(traced["choices"][0]["trajectory"]) == len(steps)
+
+
+def test_concurrent_requests_share_a_batch(server):
+    body = {"prompt": "Now is the winter of our discontent", "max_tokens": 16, "steps": 8}
+    odd = {**body, "steps": 6}  # another key: never decoded with the others
+    with ThreadPoolExecutor(17) as pool:
+        futures = [pool.submit(post, server.completions_url, body) for _ in range(16)]
+        odd_future = pool.submit(post, server.completions_url, odd)
+        results = [f.result() for f in futures]
+    assert all(s == 200 for s, _, _ in results), [r[1] for r in results if r[0] != 200]
+    sizes = [out["batch_size"] for _, out, _ in results]
+    assert max(sizes) > 1, sizes
+    assert all(out["seed"] is None for _, out, _ in results if out["batch_size"] > 1)
+    status, odd_out, _ = odd_future.result()
+    assert status == 200 and odd_out["batch_size"] == 1 and odd_out["steps"] == 6 and 1 <= odd_out["nfe"] <= 6
+
+
+MALFORMED = [
+    ({"prompt": ""}, 422, "prompt"),
+    ({"prompt": []}, 422, "prompt"),
+    ({"prompt": 5}, 422, "prompt"),
+    ({"max_tokens": 8}, 422, "prompt"),
+    ({"prompt": "a", "max_tokens": 0}, 422, "max_tokens"),
+    ({"prompt": "a", "max_tokens": "many"}, 422, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 100000}, 422, "max_tokens"),
+    ({"prompt": "a", "steps": 0}, 422, "steps"),
+    ({"prompt": "a", "steps": 10 ** 6}, 422, "steps"),
+    ({"prompt": "a", "temperature": -1}, 422, "temperature"),
+    ({"prompt": "a", "top_p": 1.5}, 422, "top_p"),
+    ({"prompt": "a", "n": 0}, 422, "n"),
+    ({"prompt": "a", "n": 50}, 422, "n"),
+    ({"prompt": "a", "algorithm": "beam"}, 422, "algorithm"),
+    ({"prompt": "a", "soft_mask": "maybe"}, 422, "soft_mask"),
+    ({"prompt": "a", "seed": -3}, 422, "seed"),
+    ({"prompt": "a", "stop": [""]}, 422, "stop"),
+    ({"prompt": "a", "max_tokens": 8, "block_length": 16}, 422, "block_length"),
+    ({"prompt": "a", "frequency_penalty": 1}, 422, "frequency_penalty"),
+    ({"prompt": "a", "model": "gpt-4"}, 404, "model"),
+    (b"{not json", 400, "body"),
+    (b"[1, 2]", 422, "body"),
+    ({"prompt": "summer " * 200}, 413, "prompt"),
+    ({"prompt": "summer " * 80, "max_tokens": 200}, 400, "max_tokens"),
+    ({"prompt": "x" * (70 * 1024)}, 413, "body"),
+]
+
+
+@pytest.mark.parametrize("body, status, param", MALFORMED, ids=[f"{m[1]}-{m[2]}-{i}" for i, m in enumerate(MALFORMED)])
+def test_malformed_requests_get_4xx_naming_the_field(server, body, status, param):
+    got, out, _ = post(server.completions_url, body)
+    assert (got, out["error"]["param"]) == (status, param), out
+    assert out["error"]["message"].startswith(param)
+
+
+def test_timeout_and_overload_leave_the_replicas_serving(server):
+    """Slow requests fill both replicas (2 x 8 ongoing) until their 6 s timeout; a burst on top of the 24 queue slots
+    is refused with 503 at once; the timed-out decodes are aborted and the replicas serve again."""
+    slow = {"prompt": "To be", "max_tokens": 200, "steps": 1024, "seed": 5}  # seeded: each decodes on its own
+    light = {"prompt": "To be", "steps": 8, "max_tokens": 16}
+    with ThreadPoolExecutor(16 + 48) as pool:
+        t0 = time.monotonic()
+        slow_futures = [pool.submit(post, server.completions_url, slow) for _ in range(16)]
+        time.sleep(1.5)  # let the slow ones occupy every replica slot
+        burst = [pool.submit(post, server.completions_url, light) for _ in range(48)]
+        slow_results = [f.result() for f in slow_futures]
+        slow_wall = time.monotonic() - t0
+        results = [f.result() for f in burst]
+    assert all(s == 504 and out["error"]["code"] == "timeout" for s, out, _ in slow_results), slow_results[0]
+    assert slow_wall < 6.0 + 8.0, slow_wall  # the timeout holds even with a full queue
+    codes = sorted(s for s, _, _ in results)
+    assert set(codes) <= {200, 503, 504} and codes.count(503) >= 1, codes
+    refused = [(out, {k.lower(): v for k, v in h.items()}) for s, out, h in results if s == 503]
+    assert all(out["error"]["code"] == "overloaded" and h.get("retry-after") == "1" for out, h in refused), refused[0]
+    t1 = time.monotonic()
+    status, out, _ = post(server.completions_url, {"prompt": "Shall I", "seed": 1})  # aborted decodes freed the replica
+    assert status == 200 and out["choices"][0]["text"] and time.monotonic() - t1 < 5.0
+
+
+def test_autoscaling_config_is_applied(server):
+    from ray import serve
+
+    app = serve.status().applications[APP]
+    sampler = app.deployments["SoftmaskSampler"]
+    assert sampler.replica_states.get("RUNNING") == 2  # min_replicas
+    assert app.deployments["SoftmaskIngress"].replica_states.get("RUNNING") == 1

@@ -1,0 +1,102 @@
+"""Serving stage without Ray: typed config validation, request schema -> 4xx mapping, S3 checkpoint cache."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from infra.config import ConfigError, field_docs, from_dict, load_config
+from pipelines.serve import ServeStageConfig
+from workers.serving import ServeConfig, request_payload, resolve_checkpoint
+from workers.serving_api import ApiError, CompletionRequest, check_bounds, validation_error
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_recipe_loads_and_every_field_is_documented():
+    cfg = load_config(ServeStageConfig, ROOT / "configs" / "serve_debug.yaml", ["checkpoint=/x/ckpt", "port=0"])
+    assert cfg.host == "127.0.0.1" and cfg.port == 0 and cfg.served_name == "softmask-debug"
+    docs = field_docs(ServeStageConfig)
+    assert {"checkpoint", "max_batch_size", "min_replicas", "request_timeout_s", "host", "detach"} <= set(docs)
+    assert all(docs.values()), [k for k, v in docs.items() if not v]
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"checkpoint": ""}, "checkpoint"),
+    ({"max_batch_size": 0}, "max_batch_size"),
+    ({"min_replicas": 3, "max_replicas": 2}, "max_replicas"),
+    ({"max_ongoing_requests": 4, "max_batch_size": 8}, "max_ongoing_requests"),
+    ({"default_algorithm": "beam"}, "default_algorithm"),
+    ({"default_top_p": 0.0}, "default_top_p"),
+    ({"default_steps": 5000}, "default_steps"),
+    ({"route_prefix": "v1"}, "route_prefix"),
+    ({"host": "0.0.0.0"}, "host"),
+    ({"host": "192.0.2.7"}, "host"),
+    ({"detach": True}, "detach"),
+    ({"port": 70000}, "port"),
+    ({"max_batch_size": "many"}, "max_batch_size"),
+    ({"no_such_key": 1}, "no_such_key"),
+])
+def test_config_errors_name_the_field(override, field, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    data = {"checkpoint": "/x/ckpt", **override}
+    with pytest.raises(ConfigError, match=field):
+        from_dict(ServeStageConfig, data)
+
+
+def test_schema_errors_map_to_status_and_field():
+    cases = [({"prompt": ""}, 422, "prompt"), ({"prompt": ["a", " "]}, 422, "prompt"), ({}, 422, "prompt"),
+             ({"prompt": "a", "temperature": 3}, 422, "temperature"), ({"prompt": "a", "top_p": 0}, 422, "top_p"),
+             ({"prompt": "a", "algorithm": "beam"}, 422, "algorithm"), ({"prompt": "a", "x": 1}, 422, "x"),
+             ({"prompt": "a", "stop": [""]}, 422, "stop"), ({"prompt": "a", "seed": -1}, 422, "seed")]
+    for body, status, param in cases:
+        with pytest.raises(ValidationError) as info:
+            CompletionRequest(**body)
+        err = validation_error(info.value.errors())
+        assert (err.status, err.param) == (status, param), (body, err.body())
+        assert err.body()["error"]["message"].startswith(param)
+
+
+def test_bounds_and_defaults():
+    cfg = ServeConfig(checkpoint="/x/ckpt", max_tokens_limit=64, max_n=2, default_steps=32, default_soft_mask=False)
+    with pytest.raises(ApiError) as info:
+        check_bounds(CompletionRequest(prompt="a", max_tokens=65), cfg.limits())
+    assert (info.value.status, info.value.param) == (422, "max_tokens")
+    with pytest.raises(ApiError) as info:
+        check_bounds(CompletionRequest(prompt="a", n=3), cfg.limits())
+    assert info.value.param == "n"
+    with pytest.raises(ApiError) as info:
+        check_bounds(CompletionRequest(prompt="a", model="other"), cfg.limits())
+    assert (info.value.status, info.value.param) == (404, "model")
+    p = request_payload(CompletionRequest(prompt=["a", "b"], soft_mask=True, stop="\n"), cfg, "id")
+    assert p["prompts"] == ["a", "b"] and p["steps"] == 32 and p["soft_mask"] is True and p["stop"] == ["\n"]
+    assert request_payload(CompletionRequest(prompt="a"), cfg, "id")["soft_mask"] is False
+    with pytest.raises(ApiError, match="block_length"):
+        request_payload(CompletionRequest(prompt="a", max_tokens=8, block_length=16), cfg, "id")
+
+
+def test_local_checkpoint_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match="checkpoint"):
+        resolve_checkpoint(str(tmp_path / "missing"))
+
+
+def test_s3_checkpoint_is_cached_and_refreshed(s3_server, tmp_path):
+    s3_server.create_bucket("serve-cache")
+    client = s3_server.client()
+    files = {"config.json": json.dumps({"format_version": 1}), "model.safetensors": "weights-v1"}
+    for name, text in files.items():
+        client.put_object(Bucket="serve-cache", Key=f"ckpt/{name}", Body=text.encode())
+    cache = tmp_path / "cache"
+    first = resolve_checkpoint("s3://serve-cache/ckpt", cache)
+    assert (first / "model.safetensors").read_text() == "weights-v1"
+    stamp = (first / ".source.json").stat().st_mtime_ns
+    assert resolve_checkpoint("s3://serve-cache/ckpt/", cache) == first  # cache hit: nothing re-downloaded
+    assert (first / ".source.json").stat().st_mtime_ns == stamp
+    client.put_object(Bucket="serve-cache", Key="ckpt/model.safetensors", Body=b"weights-v2-longer")
+    again = resolve_checkpoint("s3://serve-cache/ckpt", cache)
+    assert (again / "model.safetensors").read_text() == "weights-v2-longer"
+    assert [p.name for p in cache.iterdir()] == [again.name]  # no temp/old dirs left behind
+    with pytest.raises(ConfigError, match="no config.json"):
+        resolve_checkpoint("s3://serve-cache/nothing-here", cache)

@@ -1,0 +1,1 @@
+"""Code that runs inside Ray processes: thin adapters between Ray APIs and models/."""

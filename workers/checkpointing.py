@@ -1,0 +1,196 @@
+"""Checkpoint save / restore / export for the training loop, plus driver-side readers.
+
+A training checkpoint (one directory per step, ``checkpoint_<step:08d>``, merged by Ray Train from every rank):
+    ds/...                    DeepSpeed sharded engine state (model, optimizer, LR scheduler) - every rank's shard
+    train_state.json          step, data cursor, resolved TrainConfig + RunPlan, model config (rank 0)
+    ema.safetensors           EMA shadow of the backbone (rank 0; the EMA is replicated on every rank)
+The consolidated export is the core's format (``models.save_pretrained``: config.json + model.safetensors).
+NOTE: the ``ds/`` shards are DeepSpeed's own torch files (internal resume state only); everything we write is
+JSON or safetensors, and exports never hold pickles.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DS_TAG = "ds"
+STATE_FILE = "train_state.json"
+EMA_FILE = "ema.safetensors"
+CKPT_PREFIX = "checkpoint_"
+
+
+# ---------------------------------------------------------------------------------------------- storage io
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def filesystem(uri: str):
+    """(fsspec filesystem, path) for a local path or URI (s3:// endpoint/credentials come from the environment)."""
+    from workers.shard_io import filesystem as shard_fs
+
+    return shard_fs(uri)
+
+
+def read_json(uri: str) -> dict:
+    fs, path = filesystem(uri)
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def upload_dir(local: str | Path, uri: str) -> None:
+    """Copy a local directory's files to ``uri`` (a no-op copy when it is the same local directory)."""
+    local = Path(local)
+    if not is_remote(uri):
+        dest = Path(uri.removeprefix("file://"))
+        if dest.resolve() == local.resolve():
+            return
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in local.rglob("*"):
+            if f.is_file():
+                target = dest / f.relative_to(local)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.tmp")
+                shutil.copyfile(f, tmp)
+                os.replace(tmp, target)
+        return
+    fs, path = filesystem(uri)
+    for f in local.rglob("*"):
+        if f.is_file():
+            fs.put_file(str(f), f"{path.rstrip('/')}/{f.relative_to(local).as_posix()}")
+
+
+def download_dir(uri: str, local: str | Path) -> Path:
+    """Local directory with the contents of ``uri`` (returned as is when already local)."""
+    if not is_remote(uri):
+        return Path(uri.removeprefix("file://"))
+    fs, path = filesystem(uri)
+    local = Path(local)
+    fs.get(path.rstrip("/") + "/", str(local) + "/", recursive=True)
+    return local
+
+
+# ----------------------------------------------------------------------------------------- driver side
+def read_export_config(uri: str) -> tuple[dict, dict]:
+    """(model config dict, metadata) of an export directory (reads JSON only, never weights)."""
+    from infra.config import ConfigError
+
+    try:
+        data = read_json(f"{uri.rstrip('/')}/config.json")
+    except FileNotFoundError:
+        raise ConfigError(f"init_checkpoint: no config.json in {uri} (not a softmask export)") from None
+    if "model" not in data:
+        raise ConfigError(f"init_checkpoint: {uri}/config.json has no 'model' section")
+    return data["model"], data.get("metadata", {})
+
+
+def list_checkpoints(run_uri: str) -> list[tuple[int, str]]:
+    """[(step, uri)] of complete training checkpoints of a run, oldest first."""
+    fs, path = filesystem(run_uri)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    out = []
+    for entry in entries:
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if not name.startswith(CKPT_PREFIX) or not name[len(CKPT_PREFIX):].isdigit():
+            continue
+        if fs.exists(f"{entry.rstrip('/')}/{STATE_FILE}"):
+            uri = f"{run_uri.split('://')[0]}://{entry}" if is_remote(run_uri) else entry
+            out.append((int(name[len(CKPT_PREFIX):]), uri))
+    return sorted(out)
+
+
+def latest_train_state(run_uri: str) -> dict | None:
+    """train_state.json of the newest checkpoint of a run, or None for a fresh run."""
+    ckpts = list_checkpoints(run_uri)
+    return read_json(f"{ckpts[-1][1].rstrip('/')}/{STATE_FILE}") if ckpts else None
+
+
+# ----------------------------------------------------------------------------------------- worker side
+def save(engine, ema, state: dict, metrics: dict, rank: int) -> None:
+    """Write this rank's part of the checkpoint for ``state['step']`` and report it to Ray Train (collective)."""
+    import ray.train
+    from safetensors.torch import save_file
+
+    step = int(state["step"])
+    with tempfile.TemporaryDirectory(prefix="softmask-ckpt-") as d:
+        engine.save_checkpoint(d, tag=DS_TAG, save_latest=True)
+        if rank == 0:
+            if ema is not None:
+                save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, os.path.join(d, EMA_FILE))
+            Path(d, STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"{CKPT_PREFIX}{step:08d}")
+
+
+def restore(engine, ema, checkpoint, device: str = "cpu") -> dict:
+    """Load engine (+ EMA) state from a Ray Train checkpoint; returns its train_state dict."""
+    from safetensors.torch import load_file
+
+    with checkpoint.as_directory() as d:
+        state = json.loads(Path(d, STATE_FILE).read_text())
+        path, _ = engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no engine state under {d}/{DS_TAG}")
+        if ema is not None and Path(d, EMA_FILE).exists():
+            ema.load_state_dict(load_file(str(Path(d, EMA_FILE)), device=device))
+    return state
+
+
+def init_from_export(model, uri: str, keep_sm_head: bool) -> dict:
+    """Load an export's weights into a freshly built model (before DeepSpeed wraps it); returns its metadata.
+
+    ``keep_sm_head=False`` leaves the SM head (and self-conditioning projection) at their fresh init, which is how a
+    binary checkpoint starts an SM model (ω_s ≈ 0, so the model starts out as the binary one).
+    """
+    from models import load_pretrained
+    from models.optim import is_sm_param
+
+    with tempfile.TemporaryDirectory(prefix="softmask-init-") as tmp:
+        src = load_pretrained(download_dir(uri, tmp))
+    sd = src.state_dict()
+    if not keep_sm_head:
+        sd = {k: v for k, v in sd.items() if not is_sm_param(k)}
+    own = model.state_dict()
+    sd = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in sd and not is_sm_param(k) and not k.startswith("sc_proj.")]
+    if missing:
+        raise ValueError(f"init_checkpoint {uri} lacks backbone weights {missing[:5]}")
+    model.load_state_dict(sd, strict=False)
+    return dict(getattr(src, "checkpoint_metadata", {}) or {})
+
+
+def export(engine, ema, model_config: dict, out_uri: str, metadata: dict, rank: int, use_ema: bool = True,
+           prepare=None) -> str:
+    """Consolidated export (collective: gathers ZeRO-3 partitions); rank 0 writes ``out_uri``.
+
+    ``prepare(model)`` gives a freshly built model the training-time structure (adapters) before the trained state
+    is loaded; adapters are then merged into the base weights (core checkpoint layout).
+    """
+    from infra.deepspeed import full_state_dict, match_shapes
+    from models import ModelConfig, build_model, save_pretrained
+
+    from workers.train_adapters import core_state_dict
+
+    full = full_state_dict(engine)  # every rank takes part in the gather
+    if rank != 0:
+        return out_uri
+    model = build_model(ModelConfig.from_dict(model_config))
+    if prepare is not None:
+        model = prepare(model)
+    model.load_state_dict(match_shapes(full, model.state_dict()))
+    if use_ema and ema is not None:
+        model.load_state_dict(ema.model_state_dict(model))
+    sd = core_state_dict(model)
+    metadata = dict(metadata, weights="ema" if (use_ema and ema is not None) else "live")
+    if is_remote(out_uri):
+        with tempfile.TemporaryDirectory(prefix="softmask-export-") as tmp:
+            save_pretrained(model, Path(tmp, "export"), state_dict=sd, metadata=metadata)
+            upload_dir(Path(tmp, "export"), out_uri)
+    else:
+        save_pretrained(model, out_uri.removeprefix("file://"), state_dict=sd, metadata=metadata)
+    return out_uri

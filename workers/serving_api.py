@@ -1,0 +1,196 @@
+"""HTTP schemas of the serving stage: OpenAI-style /v1/completions request and response, error bodies, SSE framing.
+
+Pure pydantic + stdlib (no Ray, no torch): the ingress validates at the boundary with these models, and the sampler
+deployment returns plain dicts shaped like them. Every rejection names the offending field (`error.param`).
+
+Status codes (all JSON bodies ``{"error": {"message", "type", "param", "code"}}``):
+  400  malformed JSON, or a request the model cannot serve (prompt + max_tokens beyond the context, sampler refusal)
+  404  unknown ``model``
+  413  body larger than ``max_body_bytes``, or a prompt longer than ``max_prompt_tokens``
+  422  wrong type / out-of-range field (schema), or beyond a configured bound (max_tokens, steps, n, prompts)
+  503  the sampler queue is full (back-pressure) or no replica is available
+  504  the request ran past ``request_timeout_s``
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Sampling algorithms of models.sampling (the sampler replica checks this list against the real registry at startup).
+ALGORITHMS = ("ancestral", "entropy", "confidence", "margin", "remdm_cap")
+Algorithm = Literal["ancestral", "entropy", "confidence", "margin", "remdm_cap"]
+
+MAX_SEED = 2**63 - 1
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions body: the OpenAI completions subset plus diffusion extensions.
+
+    Fields left ``None`` take the server defaults (``ServeConfig.default_*``).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    model: str | None = Field(None, description="served model name (GET /v1/models); None = the served model")
+    prompt: Union[str, list[str]] = Field(..., description="prompt text, or a list of prompts (one completion each)")
+    max_tokens: int | None = Field(None, ge=1, description="completion length in tokens (the diffusion canvas size)")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="sampling temperature; 0 = greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus sampling mass")
+    n: int = Field(1, ge=1, description="completions per prompt")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random seed; None = the server draws one "
+                                                                   "(returned in the response)")
+    stream: bool = Field(False, description="server-sent events: one event per denoising step (or block), then the "
+                                            "final text")
+    stop: Union[str, list[str], None] = Field(None, description="stop string(s): the completion is cut before the "
+                                                                "first occurrence")
+    user: str | None = Field(None, description="OpenAI end-user id; accepted and ignored")
+    # --- diffusion extensions
+    steps: int | None = Field(None, ge=1, description="denoising steps (NFE budget)")
+    algorithm: Algorithm | None = Field(None, description=f"unmasking order: one of {list(ALGORITHMS)}")
+    block_length: int | None = Field(None, ge=1, description="semi-autoregressive block size in tokens; None = one "
+                                                             "block")
+    soft_mask: bool | None = Field(None, description="feed the previous step's top-k prediction into masked "
+                                                     "positions (soft-masking); false = binary masking")
+    return_trajectory: bool = Field(False, description="include the partial text of every recorded step in each "
+                                                       "choice")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, v: Any) -> Any:
+        prompts = [v] if isinstance(v, str) else v
+        if not prompts:
+            raise ValueError("must contain at least one prompt")
+        for i, p in enumerate(prompts):
+            if not p.strip():
+                raise ValueError(f"prompt {i} is empty")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, v: Any) -> Any:
+        stops = [v] if isinstance(v, str) else (v or [])
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        return v
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+    trajectory: list[str] | None = Field(None, description="partial texts (masked positions shown as the "
+                                                             "placeholder) of the recorded steps")
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    nfe: int = Field(..., description="network function evaluations used for this batch")
+    batch_size: int = Field(..., description="requests decoded together in the same sample() call")
+    batch_rows: int = Field(..., description="sequences decoded together in the same sample() call")
+    steps: int
+    algorithm: str
+    soft_mask: bool
+    seed: int | None = Field(None, description="seed that reproduces this response (sent back as `seed`); null when "
+                                             "the request shared its decode with others")
+    length: int = Field(..., description="decoded canvas length (prompt + completion, rounded up to a bucket)")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "softmask"
+    max_seq_len: int
+    vocab_size: int
+    flavor: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ApiError(Exception):
+    """A request rejected at the boundary; rendered as the JSON error body with ``status``."""
+
+    def __init__(self, status: int, param: str | None, message: str, code: str | None = None):
+        super().__init__(f"{param}: {message}" if param else message)
+        self.status, self.param, self.message, self.code = status, param, message, code
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        msg = f"{self.param}: {self.message}" if self.param else self.message
+        return {"error": {"message": msg, "type": kind, "param": self.param, "code": self.code}}
+
+    def to_dict(self) -> dict:
+        """Plain form that crosses the Ray boundary (exceptions are not sent between deployments)."""
+        return {"status": self.status, "param": self.param, "message": self.message, "code": self.code}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ApiError":
+        return cls(int(d["status"]), d.get("param"), str(d["message"]), d.get("code"))
+
+
+def validation_error(errors: list[dict]) -> ApiError:
+    """Map pydantic/FastAPI validation errors to one ApiError naming the first bad field (400 for bad JSON)."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "value_error"}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # Union members add their type name to loc (e.g. prompt.str / prompt.list[str]); keep the field path only.
+    loc = [p for p in loc if p not in ("str", "list[str]", "int", "float", "bool", "none")]
+    param = ".".join(loc) or "body"
+    if first.get("type") == "json_invalid":
+        return ApiError(400, "body", f"invalid JSON ({first.get('msg', '')})", "json_invalid")
+    if first.get("type") == "extra_forbidden":
+        return ApiError(422, param, "unknown field", "extra_forbidden")
+    if first.get("type") == "missing":
+        return ApiError(422, param, "field required", "missing")
+    return ApiError(422, param, str(first.get("msg", "invalid value")), first.get("type"))
+
+
+def check_bounds(req: CompletionRequest, limits: dict) -> None:
+    """Configured bounds (``ServeConfig``) that the static schema cannot know; raises ApiError(422) naming the field.
+
+    ``limits`` keys: max_tokens_limit, max_steps, max_n, max_prompts, max_stop, served model name ``model_name``.
+    """
+    if req.model is not None and req.model != limits["model_name"]:
+        raise ApiError(404, "model", f"model {req.model!r} is not served here (served: {limits['model_name']!r})",
+                       "model_not_found")
+    bounds = [("max_tokens", req.max_tokens, limits["max_tokens_limit"]), ("steps", req.steps, limits["max_steps"]),
+              ("n", req.n, limits["max_n"]), ("prompt", len(req.prompts()), limits["max_prompts"]),
+              ("stop", len(req.stops()), limits["max_stop"])]
+    for name, value, bound in bounds:
+        if value is not None and value > bound:
+            what = "number of prompts" if name == "prompt" else ("number of stop strings" if name == "stop" else "value")
+            raise ApiError(422, name, f"{what} {value} exceeds the server limit {bound}", "limit_exceeded")
+    if req.block_length is not None and req.max_tokens is not None and req.block_length > req.max_tokens:
+        raise ApiError(422, "block_length", f"{req.block_length} is larger than max_tokens={req.max_tokens}",
+                       "invalid_value")
+
+
+def sse(data: dict | str) -> bytes:
+    """One server-sent event frame (``data: ...\\n\\n``)."""
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+SSE_DONE = sse("[DONE]")

@@ -1,0 +1,300 @@
+"""Typed configuration of the training stage (``softmask train``), and the driver-side preflight checks.
+
+``TrainConfig`` travels to every Ray Train worker as a plain dict (``to_dict``) and is rebuilt there with
+``TrainConfig.from_dict`` (no globals). Field-level problems raise ``ConfigError`` in ``__post_init__``; problems that
+need the dataset manifest or a checkpoint on storage (``seq_len`` > model max, missing manifest, checkpoint whose model
+config differs) are raised by :func:`preflight` before any worker starts.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from infra.config import ConfigError, field, from_dict, require, to_dict
+from infra.deepspeed import DeepSpeedConfig
+
+MODES = ("pretrain", "continue", "finetune")
+
+
+@dataclass
+class ModelSection:
+    """Which network to train."""
+
+    flavor: str = field("debug", "model flavor (models.FLAVORS: debug, tiny, small)")
+    overrides: dict[str, Any] = field(None, "ModelConfig fields overriding the flavor (e.g. {dropout: 0.0}); "
+                                            "vocab_size and mask_token_id always come from the dataset tokenizer",
+                                      factory=dict)
+
+
+@dataclass
+class ObjectiveSection:
+    """Training objective (maps onto models.objective.ObjectiveConfig plus the SM head optimiser settings)."""
+
+    kind: Literal["binary", "sm", "self_cond"] = field("sm", "binary = MDLM; sm = soft-masking two-pass; "
+                                                            "self_cond = self-conditioning baseline")
+    p_sm: float = field(0.8, "probability that a global batch takes the two-pass feedback step (0.8 in the paper)")
+    k: int = field(3, "top-k tokens mixed into a still-masked position (3 for LM, 1 for code); sets ModelConfig."
+                      "softmask_k")
+    sm_lr: float = field(1e-2, "learning rate of the SM head's parameter group (no weight decay)")
+    schedule: Literal["loglinear", "cosine"] = field("loglinear", "noise schedule")
+    t_min: float | None = field(None, "smallest diffusion time (None = 1e-3); Dream fine-tuning uses 0.2")
+    t_max: float = field(1.0, "largest diffusion time; Dream fine-tuning uses 0.8")
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.p_sm <= 1.0, "p_sm", f"must be in [0, 1], got {self.p_sm}")
+        require(self.k >= 1, "k", f"must be >= 1, got {self.k}")
+        require(self.sm_lr > 0, "sm_lr", f"must be > 0, got {self.sm_lr}")
+        require(0 < (self.t_min or 1e-3) < self.t_max <= 1.0, "t_max", "need 0 < t_min < t_max <= 1")
+
+
+@dataclass
+class DataSection:
+    """Where the token shards come from and how workers read them."""
+
+    manifest: str = field("", "dataset manifest written by `softmask preprocess` (local dir/file or s3:// URI)")
+    loader: Literal["local", "ray_data"] = field("local", "local = deterministic per-rank reader over the manifest's "
+                                                          "shards (exact resume); ray_data = Ray Data streaming split "
+                                                          "(get_dataset_shard), resumed by skipping batches")
+    shuffle: bool = field(True, "reshuffle training rows every epoch (seeded; local loader)")
+    val_batches: int = field(2, "validation micro-batches per rank at every evaluation")
+
+
+@dataclass
+class OptimSection:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = field(3e-4, "peak learning rate of the backbone")
+    weight_decay: float = field(0.0, "AdamW weight decay on matrices (embeddings, norms, biases, SM head: none)")
+    warmup_steps: int = field(0, "linear warmup steps")
+    schedule: Literal["constant", "cosine"] = field("constant", "after warmup: constant (paper) or cosine decay")
+    min_lr_ratio: float = field(0.1, "cosine floor as a fraction of the peak lr")
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+
+
+@dataclass
+class ScalingSection:
+    """Ray Train workers."""
+
+    num_workers: int = field(2, "data-parallel training workers (one process each)")
+    cpus_per_worker: float = field(0.5, "CPUs reserved per worker; keep it fractional on small machines so Ray Data "
+                                        "tasks still find a CPU (a full 2-CPU allocation deadlocks silently)")
+    use_gpu: bool = field(False, "one GPU per worker (nccl) instead of CPU workers (gloo)")
+    torch_threads: int = field(0, "torch intra-op threads per worker (0 = max(1, round(cpus_per_worker)))")
+
+    def __post_init__(self) -> None:
+        require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        require(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+        require(self.torch_threads >= 0, "torch_threads", "must be >= 0")
+
+
+@dataclass
+class CheckpointSection:
+    """Run identity, checkpoints and fault tolerance."""
+
+    storage_path: str = field("runs", "Ray Train storage root (local path or s3://bucket/prefix); checkpoints go to "
+                                      "<storage_path>/<run_name>/checkpoint_<step>")
+    every: int = field(100, "save a checkpoint every N optimizer steps (and at the last step)")
+    keep_last: int = field(2, "keep only the K most recent checkpoints")
+    max_failures: int = field(2, "worker failures survived by restoring the latest checkpoint (-1 = unlimited)")
+    export_ema: bool = field(True, "final export holds the EMA backbone weights (the SM head as trained)")
+
+    def __post_init__(self) -> None:
+        require(self.every >= 1, "every", f"must be >= 1, got {self.every}")
+        require(self.keep_last >= 1, "keep_last", f"must be >= 1, got {self.keep_last}")
+        require(self.max_failures >= -1, "max_failures", "must be >= -1")
+
+
+@dataclass
+class FinetuneSection:
+    """Options of ``mode: finetune`` (and a frozen backbone in any mode)."""
+
+    freeze_backbone: bool = field(False, "train only the SM head (+ LoRA adapters when lora_r > 0)")
+    lora_r: int = field(0, "LoRA rank on the attention/MLP linears via peft (0 = off)")
+    lora_alpha: float = field(16.0, "LoRA scaling alpha")
+    use_dora: bool = field(False, "DoRA (weight-decomposed LoRA) instead of plain LoRA")
+    lora_targets: list[str] = field(None, "module name suffixes that get adapters",
+                                    factory=lambda: ["qkv", "proj", "mlp.0", "mlp.2"])
+
+    def __post_init__(self) -> None:
+        require(self.lora_r >= 0, "lora_r", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """One training run: pretrain from scratch, continue from a checkpoint, or fine-tune on SFT data."""
+
+    mode: Literal["pretrain", "continue", "finetune"] = field("pretrain", "pretrain from scratch | continue from "
+                                                                          "init_checkpoint | finetune on SFT data")
+    run_name: str = field("softmask-train", "run name; the same name + storage_path resumes the run")
+    init_checkpoint: str = field("", "export directory (config.json + model.safetensors) that initialises continue/"
+                                     "finetune; a binary checkpoint gets a fresh SM head (ω_s ≈ 0)")
+    output_dir: str = field("", "where metrics.jsonl, TensorBoard events, the export and the plot go (local or "
+                                "s3://); empty = <storage_path>/<run_name>/output")
+    seed: int = field(0, "seed of every random choice (t, masks, coin, dropout, data order): derived from "
+                         "(seed, step, rank)")
+    steps: int = field(1000, "optimizer steps in total (a resumed run continues up to this)")
+    micro_batch: int = field(8, "sequences per worker per forward/backward")
+    global_batch: int = field(16, "sequences per optimizer step over all workers; grad accumulation = "
+                                  "global_batch / (micro_batch * num_workers)")
+    ema_decay: float = field(0.9999, "EMA decay of the backbone weights (0 disables the EMA)")
+    eval_every: int = field(100, "validation every N steps (and at the last step); 0 = only at the end")
+    log_every: int = field(1, "append a metrics line every N steps")
+    model: ModelSection = field(None, "model flavor and overrides", factory=ModelSection)
+    objective: ObjectiveSection = field(None, "training objective", factory=ObjectiveSection)
+    data: DataSection = field(None, "dataset", factory=DataSection)
+    optim: OptimSection = field(None, "optimizer and schedule", factory=OptimSection)
+    scaling: ScalingSection = field(None, "Ray Train workers", factory=ScalingSection)
+    checkpoint: CheckpointSection = field(None, "checkpoints, resume, fault tolerance", factory=CheckpointSection)
+    deepspeed: DeepSpeedConfig = field(None, "DeepSpeed engine", factory=DeepSpeedConfig)
+    finetune: FinetuneSection = field(None, "fine-tuning options", factory=FinetuneSection)
+
+    def __post_init__(self) -> None:
+        require(bool(self.run_name) and "/" not in self.run_name, "run_name", "must be a non-empty name without '/'")
+        require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        require(self.micro_batch >= 1, "micro_batch", f"must be >= 1, got {self.micro_batch}")
+        per_step = self.micro_batch * self.scaling.num_workers
+        require(self.global_batch >= per_step and self.global_batch % per_step == 0, "global_batch",
+                f"{self.global_batch} is not a multiple of micro_batch * scaling.num_workers = "
+                f"{self.micro_batch} * {self.scaling.num_workers}")
+        require(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        require(self.eval_every >= 0, "eval_every", "must be >= 0")
+        require(self.log_every >= 1, "log_every", "must be >= 1")
+        require(bool(self.data.manifest), "data.manifest", "is required (a dataset written by softmask preprocess)")
+        if self.mode == "pretrain":
+            require(not self.init_checkpoint, "init_checkpoint", "must be empty for mode pretrain (use mode continue)")
+        else:
+            require(bool(self.init_checkpoint), "init_checkpoint", f"is required for mode {self.mode}")
+        ft = self.finetune
+        if ft.freeze_backbone and ft.lora_r == 0:
+            require(self.objective.kind == "sm", "finetune.freeze_backbone",
+                    f"with objective {self.objective.kind} and no LoRA nothing would be trained")
+        if self.deepspeed.zero_stage == 3:
+            require(ft.lora_r == 0, "finetune.lora_r", "LoRA/DoRA adapters are not supported with deepspeed.zero_stage 3 "
+                                                       "(use stage 2)")
+            require(not ft.freeze_backbone, "finetune.freeze_backbone", "frozen parameters are not supported with "
+                                                                        "deepspeed.zero_stage 3 (use stage 2)")
+        if self.deepspeed.offload_optimizer:
+            require(self.scaling.use_gpu, "deepspeed.offload_optimizer", "offloads to CPU memory: only meaningful "
+                                                                         "with scaling.use_gpu")
+        if self.deepspeed.precision == "bf16" and not self.scaling.use_gpu:
+            pass  # allowed (slow) - DeepSpeed bf16 runs on the CPU accelerator
+
+    # ------------------------------------------------------------------------------------------ derived
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch // (self.micro_batch * self.scaling.num_workers)
+
+    @property
+    def storage_run_uri(self) -> str:
+        return f"{self.checkpoint.storage_path.rstrip('/')}/{self.run_name}"
+
+    @property
+    def resolved_output_dir(self) -> str:
+        return self.output_dir or f"{self.storage_run_uri}/output"
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        return from_dict(cls, data)
+
+
+# ------------------------------------------------------------------------------------------------ preflight
+@dataclass
+class RunPlan:
+    """What preflight resolved on the driver; travels to the workers next to the TrainConfig."""
+
+    model_config: dict          # models.ModelConfig.to_dict() of the model to build
+    seq_len: int                # rows of the dataset
+    data_mode: str              # pretrain | sft
+    train_uris: list[str]
+    val_uris: list[str]
+    init_objective: str         # objective the init checkpoint was trained with ("" = none / unknown)
+    resume_step: int            # step of the checkpoint a same-name run resumes from (0 = fresh)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _model_config(cfg: TrainConfig, tokenizer: dict):
+    from models import ModelConfig
+
+    overrides = dict(cfg.model.overrides)
+    for key in ("vocab_size", "mask_token_id"):
+        require(key not in overrides, f"model.overrides.{key}", "comes from the dataset's tokenizer; do not set it")
+    overrides.update(vocab_size=int(tokenizer["vocab_size"]), mask_token_id=int(tokenizer["mask_id"]),
+                     softmask_k=cfg.objective.k, self_conditioning=cfg.objective.kind == "self_cond")
+    try:
+        return ModelConfig.from_flavor(cfg.model.flavor, **overrides)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def _comparable(model_cfg: dict) -> dict:
+    """Fields that must agree between a checkpoint and the model we build (flavor name / k / dropout may differ)."""
+    ignore = {"flavor", "dropout", "softmask_k", "self_conditioning", "init_std"}
+    return {k: v for k, v in model_cfg.items() if k not in ignore}
+
+
+def check_model_match(expected: dict, found: dict, where: str, field_name: str) -> None:
+    a, b = _comparable(expected), _comparable(found)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    require(not diff, field_name, f"{where} was trained with a different model: " +
+            ", ".join(f"{k}={b.get(k)!r} (configured {a.get(k)!r})" for k in diff))
+
+
+def preflight(cfg: TrainConfig) -> RunPlan:
+    """Every check that needs the manifest, the model flavor or storage; raises ConfigError naming the field.
+
+    Runs on the driver before any worker starts.
+    """
+    from workers import checkpointing
+    from workers.shard_io import DatasetManifest
+
+    try:
+        manifest = DatasetManifest.load(cfg.data.manifest)
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.manifest: not found: {cfg.data.manifest} ({e})") from None
+    except Exception as e:  # a malformed manifest
+        raise ConfigError(f"data.manifest: cannot be read: {cfg.data.manifest}: {e}") from None
+    data_mode = getattr(manifest, "mode", "pretrain")
+    if cfg.mode == "finetune":
+        require(data_mode == "sft", "data.manifest", f"mode finetune needs an sft dataset (loss_mask), got {data_mode}")
+    train_uris, val_uris = list(manifest.shard_uris("train")), list(manifest.shard_uris("validation"))
+    require(bool(train_uris), "data.manifest", "has no train shards")
+    mcfg = _model_config(cfg, manifest.tokenizer)
+    seq_len = int(manifest.seq_len)
+    require(seq_len <= mcfg.max_seq_len, "data.manifest",
+            f"seq_len {seq_len} exceeds the max_seq_len {mcfg.max_seq_len} of model flavor {cfg.model.flavor!r} "
+            f"(set model.overrides.max_seq_len or re-pack the data)")
+    init_objective = ""
+    if cfg.init_checkpoint:
+        found, meta = checkpointing.read_export_config(cfg.init_checkpoint)
+        check_model_match(mcfg.to_dict(), found, f"init_checkpoint {cfg.init_checkpoint}", "init_checkpoint")
+        init_objective = str(meta.get("objective", ""))
+    resume_step = 0
+    state = checkpointing.latest_train_state(cfg.storage_run_uri)
+    if state is not None:
+        resume_step = int(state["step"])
+        check_model_match(mcfg.to_dict(), state["model_config"], f"checkpoint of run {cfg.run_name!r}", "run_name")
+        old = TrainConfig.from_dict(state["train_config"])
+        for name, now, before in (("scaling.num_workers", cfg.scaling.num_workers, old.scaling.num_workers),
+                                  ("deepspeed.zero_stage", cfg.deepspeed.zero_stage, old.deepspeed.zero_stage),
+                                  ("micro_batch", cfg.micro_batch, old.micro_batch),
+                                  ("global_batch", cfg.global_batch, old.global_batch),
+                                  ("objective.kind", cfg.objective.kind, old.objective.kind)):
+            require(now == before, name, f"is {now!r} but the checkpoint of run {cfg.run_name!r} (step {resume_step}) "
+                                         f"was written with {before!r}; use a new run_name")
+    return RunPlan(model_config=mcfg.to_dict(), seq_len=seq_len, data_mode=data_mode, train_uris=train_uris,
+                   val_uris=val_uris, init_objective=init_objective, resume_step=resume_step)
+
+
+def dumps(cfg: TrainConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,255 @@
+"""``train_loop(config)``: the per-worker function of the Ray Train TorchTrainer.
+
+config = {"train": TrainConfig.to_dict(), "plan": RunPlan.to_dict()} (rebuilt here; no globals).
+One optimizer step = ``grad_accum`` micro-batches per rank. Every random choice derives from (seed, micro-step, rank):
+the objective's t/masks and two-pass coin (rank-consistent, so ZeRO-3 ranks make identical forward calls), dropout
+(re-seeded per micro-step) and the data order (cursor = micro-batches consumed). A checkpoint therefore only needs the
+engine state, the EMA, the step and the cursor to replay a run exactly.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import defaultdict
+
+from workers.train_config import RunPlan, TrainConfig
+
+
+def _setup_process(cfg: TrainConfig):
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
+    import torch
+
+    threads = cfg.scaling.torch_threads or max(1, round(cfg.scaling.cpus_per_worker))
+    torch.set_num_threads(threads)
+    return torch
+
+
+def _objective(cfg: TrainConfig):
+    from models.objective import ObjectiveConfig
+
+    o = cfg.objective
+    return ObjectiveConfig(kind=o.kind, p_sm=o.p_sm, schedule=o.schedule, t_min=o.t_min, t_max=o.t_max)
+
+
+def _build_model(cfg: TrainConfig, plan: RunPlan):
+    """The DiffusionLM of the plan, initialised from ``init_checkpoint`` when set; frozen backbone if asked."""
+    from models import ModelConfig, build_model
+
+    from workers import checkpointing
+
+    import torch
+
+    torch.manual_seed(cfg.seed)  # identical init on every rank and in every run (rank 0's is broadcast anyway)
+    model = build_model(ModelConfig.from_dict(plan.model_config))
+    if cfg.init_checkpoint:
+        # A binary (or unknown) source keeps the fresh SM head (ω_s ≈ 0): the model starts as the binary one.
+        checkpointing.init_from_export(model, cfg.init_checkpoint, keep_sm_head=plan.init_objective == "sm")
+    return _with_adapters(model, cfg)
+
+
+def _with_adapters(model, cfg: TrainConfig):
+    """Frozen backbone and/or LoRA/DoRA adapters (fine-tuning options; a no-op by default)."""
+    from workers.train_adapters import apply_adapters
+
+    ft = cfg.finetune
+    if ft.freeze_backbone or ft.lora_r > 0:
+        apply_adapters(model, ft.freeze_backbone, ft.lora_r, ft.lora_alpha, ft.use_dora, ft.lora_targets)
+    return model
+
+
+class _SftProbe:
+    """Forward pre-hook counting [MASK]ed prompt (loss_mask 0) and response (loss_mask 1) tokens of x_t."""
+
+    def __init__(self, module, mask_id: int):
+        self.mask_id, self.loss_mask = mask_id, None
+        self.prompt_masked = self.response_masked = 0
+        module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        if self.loss_mask is not None and args:
+            masked = args[0] == self.mask_id  # (B, L)
+            lm = self.loss_mask.to(masked.device)
+            self.prompt_masked += int((masked & (lm == 0)).sum())
+            self.response_masked += int((masked & (lm == 1)).sum())
+
+
+def _head_values(engine) -> dict[str, float]:
+    """ω_s, ω_a, ω_b of the SM head (read from full fp32 values: ZeRO-3 partitions even these scalars)."""
+    from infra.deepspeed import full_fp32_params
+    from models.softmask import SoftMaskHead
+
+    head = engine.module.sm_head
+    probe = SoftMaskHead(k=head.k)
+    own = dict(probe.named_parameters())
+    full = full_fp32_params(engine, {f"sm_head.{n}" for n in own})
+    probe.load_state_dict({n.removeprefix("sm_head."): v.detach().cpu().reshape(own[n.removeprefix("sm_head.")].shape)
+                           for n, v in full})
+    return probe.values()
+
+
+def _allreduce_mean(torch, values: dict[str, float], world: int, device) -> dict[str, float]:
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    buf = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(buf)
+    return {k: float(v) / world for k, v in zip(keys, buf.tolist())}
+
+
+def _validate(torch, engine, batches, obj, cfg: TrainConfig, world: int) -> dict[str, float]:
+    """Validation ELBO perplexity bound over the fixed validation batches (single pass, and two-pass for SM)."""
+    import torch.distributed as dist
+    from models.objective import validation_nll
+
+    if not batches:
+        return {}
+    modes = [("val_ppl", False)] + ([("val_ppl_two_pass", True)] if obj.kind != "binary" else [])
+    engine.eval()
+    sums = []
+    for _, two_pass in modes:
+        nll, n = 0.0, 0
+        for i, (x0, lm) in enumerate(batches):
+            s, c = validation_nll(engine, x0.to(engine.device), obj, seed=cfg.seed, step=i, two_pass=two_pass,
+                                  loss_mask=None if lm is None else lm.to(engine.device))
+            nll, n = nll + s, n + c
+        sums += [nll, n]
+    engine.train()
+    buf = torch.tensor(sums, dtype=torch.float64, device=engine.device)
+    if world > 1:
+        dist.all_reduce(buf)
+    vals = buf.tolist()
+    return {name: math.exp(min(vals[2 * i] / max(vals[2 * i + 1], 1), 50.0)) for i, (name, _) in enumerate(modes)}
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train per-worker entry point (see the module docstring)."""
+    cfg = TrainConfig.from_dict(config["train"])
+    plan = RunPlan(**config["plan"])
+    torch = _setup_process(cfg)
+    import ray.train
+    from models.ema import EMA
+    from models.objective import training_loss, uses_two_pass
+    from models.optim import param_groups
+
+    from infra.deepspeed import (NamedTensors, build_ds_config, build_engine, full_fp32_params, global_grad_norm,
+                                 register_external_parameter)
+    from workers import checkpointing
+    from workers.train_data import LocalShardReader, RayDataBatches, _seed, validation_batches
+    from workers.train_metrics import MetricsSink
+
+    t_start = time.perf_counter()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    obj = _objective(cfg)
+
+    model = _build_model(cfg, plan)
+    groups = param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.objective.sm_lr)
+    ds_cfg = build_ds_config(cfg.deepspeed, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, world_size=world,
+                             on_gpu=cfg.scaling.use_gpu)
+    t_engine = time.perf_counter()
+    engine = build_engine(model, groups, ds_cfg, cfg.deepspeed, schedule=cfg.optim.schedule,
+                          warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.steps,
+                          min_lr_ratio=cfg.optim.min_lr_ratio)
+    t_engine = time.perf_counter() - t_engine
+    # The soft-mask input is embedded from backbone.embed.weight outside embed.forward: ZeRO-3 must gather it there.
+    register_external_parameter(engine, engine.module.backbone, engine.module.backbone.embed.weight)
+    ema, ema_names = None, None
+    if cfg.ema_decay > 0:
+        ema = EMA(NamedTensors(full_fp32_params(engine)), cfg.ema_decay)
+        ema_names = set(ema.shadow)
+
+    step, cursor, attempt = 0, 0, 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        state = checkpointing.restore(engine, ema, ckpt, device=str(engine.device))
+        step, cursor, attempt = int(state["step"]), int(state["cursor"]), int(state.get("attempt", 0)) + 1
+
+    output = cfg.resolved_output_dir
+    sink = MetricsSink(output, enabled=rank == 0, attempt=attempt)
+    with_mask = plan.data_mode == "sft"
+    if cfg.data.loader == "ray_data":
+        data = RayDataBatches(ray.train.get_dataset_shard("train"), micro_batch=cfg.micro_batch,
+                              with_mask=with_mask, start_cursor=cursor)
+    else:
+        data = LocalShardReader(plan.train_uris, micro_batch=cfg.micro_batch, rank=rank, world=world, seed=cfg.seed,
+                                shuffle=cfg.data.shuffle, with_mask=with_mask)
+    val = validation_batches(plan.val_uris, micro_batch=cfg.micro_batch, rank=rank, world=world,
+                             n_batches=cfg.data.val_batches, with_mask=with_mask)
+    pids = [None] * world
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_gather_object(pids, os.getpid())
+    else:
+        pids = [os.getpid()]
+    sink.log(step, {"setup_s": time.perf_counter() - t_start, "engine_s": t_engine, "world": world, "pids": pids},
+             kind="setup")
+    probe = _SftProbe(engine.module, engine.module.mask_id) if with_mask else None
+    accum, tokens_per_step = cfg.grad_accum, cfg.global_batch * plan.seq_len
+    eval_due = (lambda s: s == cfg.steps or (cfg.eval_every and s % cfg.eval_every == 0))
+    last: dict = {}
+
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        acc: dict[str, float] = defaultdict(float)
+        for micro in range(accum):
+            gstep = step * accum + micro  # objective / coin / dropout index: identical on every rank
+            x0, lm = data.batch(cursor)
+            cursor += 1
+            x0 = x0.to(engine.device)
+            lm = lm.to(engine.device) if lm is not None else None
+            if probe is not None:
+                probe.loss_mask = lm
+            torch.manual_seed(_seed(cfg.seed, gstep, rank, "dropout"))
+            two_pass = uses_two_pass(obj, cfg.seed, gstep)
+            loss, m = training_loss(engine, x0, obj, seed=cfg.seed, step=gstep, rank=rank, world=world,
+                                    loss_mask=lm, two_pass=two_pass)
+            engine.backward(loss)
+            engine.step()
+            for k in ("loss", "lambda_mean", "two_pass", "masked_frac"):
+                if k in m:  # lambda_mean only on two-pass micro-steps (the same on every rank)
+                    acc[k] += m[k] / accum
+        step += 1
+        if ema is not None:
+            ema.update(NamedTensors(full_fp32_params(engine, ema_names)))
+        if probe is not None:
+            acc["sft_prompt_masked"], acc["sft_response_masked"] = probe.prompt_masked, probe.response_masked
+            probe.prompt_masked = probe.response_masked = 0
+        means = _allreduce_mean(torch, dict(acc), world, engine.device)
+        dt = time.perf_counter() - t0
+        lrs = engine.get_lr()
+        rec = dict(means, lr=lrs[0], grad_norm=global_grad_norm(engine), step_time_s=dt,
+                   tokens_per_s=tokens_per_step / dt, tokens_per_s_per_worker=tokens_per_step / dt / world)
+        if probe is not None:  # counts, not means
+            rec["sft_prompt_masked"] *= world
+            rec["sft_response_masked"] *= world
+        if cfg.objective.kind == "sm":
+            rec.update(_head_values(engine))
+            rec["sm_lr"] = lrs[-1]
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            sink.log(step, rec)
+        last = {"step": step, "loss": rec["loss"]}
+        if eval_due(step):
+            vals = _validate(torch, engine, val, obj, cfg, world)
+            if vals:
+                sink.log(step, vals, kind="val")
+                last.update(vals)
+        if step % cfg.checkpoint.every == 0 or step == cfg.steps:
+            sink.sync()
+            state = {"step": step, "cursor": cursor, "attempt": attempt, "world": world,
+                     "rng": "derived from (seed, micro-step, rank)", "train_config": cfg.to_dict(),
+                     "plan": plan.to_dict(), "model_config": plan.model_config}
+            checkpointing.save(engine, ema, state, dict(last), rank)
+
+    metadata = {"objective": cfg.objective.kind, "step": step, "run_name": cfg.run_name, "mode": cfg.mode,
+                "data_manifest": cfg.data.manifest, "seed": cfg.seed}
+    if cfg.finetune.lora_r > 0:
+        metadata["adapters"] = {"kind": "dora" if cfg.finetune.use_dora else "lora", "r": cfg.finetune.lora_r,
+                                "alpha": cfg.finetune.lora_alpha, "merged": True}
+    checkpointing.export(engine, ema, plan.model_config, f"{output.rstrip('/')}/export", metadata, rank,
+                         use_ema=cfg.checkpoint.export_ema, prepare=lambda m: _with_adapters(m, cfg))
+    sink.plot()
+    sink.sync()
+    sink.close()
