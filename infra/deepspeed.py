@@ -33,9 +33,14 @@ class DeepSpeedConfig:
                                            "(stage >= 1; stepped by the client torch AdamW, never DeepSpeedCPUAdam)")
     overlap_comm: bool = field(False, "overlap gradient reduction with the backward pass (GPU; no gain on gloo)")
     reduce_bucket_size: int = field(50_000_000, "elements per gradient reduce bucket (ZeRO 1-3)")
-    stage3_prefetch_bucket_size: int = field(50_000_000, "elements of parameters prefetched ahead (ZeRO-3)")
+    stage3_prefetch_bucket_size: int = field(20_000_000, "elements of parameters prefetched ahead (ZeRO-3)")
     stage3_param_persistence_threshold: int = field(100_000, "ZeRO-3 keeps parameters smaller than this many "
                                                              "elements unpartitioned")
+    stage3_max_live_parameters: int = field(20_000_000, "ZeRO-3: most gathered parameter elements alive at once "
+                                                        "(DeepSpeed's default 1e9 keeps a whole small model gathered)")
+    stage3_max_reuse_distance: int = field(20_000_000, "ZeRO-3: keep a gathered parameter only if it is reused "
+                                                       "within this many elements of fetches")
+    sub_group_size: int = field(100_000_000, "ZeRO-3: optimizer step works on parameter groups of this many elements")
     adam_betas: tuple[float, float] = field((0.9, 0.999), "AdamW (beta1, beta2)")
     adam_eps: float = field(1e-8, "AdamW epsilon")
 
@@ -64,7 +69,9 @@ def build_ds_config(ds: DeepSpeedConfig, *, micro_batch: int, grad_accum: int, w
                     reduce_bucket_size=ds.reduce_bucket_size, allgather_bucket_size=ds.reduce_bucket_size)
     if ds.zero_stage == 3:
         zero.update(stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
-                    stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold)
+                    stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
+                    stage3_max_live_parameters=ds.stage3_max_live_parameters,
+                    stage3_max_reuse_distance=ds.stage3_max_reuse_distance, sub_group_size=ds.sub_group_size)
         zero.pop("allgather_bucket_size")
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}

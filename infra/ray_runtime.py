@@ -25,6 +25,7 @@ DEFAULT_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "RAY_worker_niceness": "0",  # Ray starts workers at nice 15: on a busy machine they would starve
 }
 
 
@@ -78,11 +79,14 @@ def init_ray(cfg: RayConfig | None = None, *, accelerator: str = "cpu", extra_en
     env = worker_env_vars() | dict(extra_env or {})
     runtime_env = {"env_vars": env}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address == "local":
+        address = None
     if address:
         # Ray 2.60 clusters use token auth by default; a driver only sends ~/.ray/auth_token in "token" mode.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **driver_ip_kwargs(address))
     else:
-        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=cfg.include_dashboard,
+        # address="local": never attach to whatever /tmp/ray/ray_current_cluster points at (a stale or foreign cluster)
+        ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=cfg.include_dashboard,
                  dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=runtime_env)
     return True

@@ -27,6 +27,7 @@ def save_pretrained(model: DiffusionLM, path: str | os.PathLike, *, state_dict: 
     sd = state_dict if state_dict is not None else model.state_dict()
     sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
     try:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "softmask", "version": str(FORMAT_VERSION)})
         cfg = {"format_version": FORMAT_VERSION, "model": model.config.to_dict(), "metadata": metadata or {}}

@@ -18,7 +18,6 @@ commit it); Brown "redistribution permitted"; nlp-corpus MIT (contains NSFW line
 from __future__ import annotations
 
 import bz2
-import glob
 import hashlib
 import json
 import logging

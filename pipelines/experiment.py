@@ -287,6 +287,7 @@ def _run(cfg: ExperimentConfig) -> dict:
     manifest = prepare_data(cfg)
     data_s = time.perf_counter() - t0
     probe = _train_cfg(cfg, Cell("binary", "iso_update", cfg.grid.seeds[0], 1), manifest, out)
+    probe.run_name = f"{cfg.name}-probe"  # never trained: preflight resolves the model without reading run state
     plan = preflight(probe)
     p_sm = probe.objective.p_sm
     fractions = {o: extra_flop_fraction(plan.model_config, o, p_sm, probe.micro_batch, plan.seq_len)

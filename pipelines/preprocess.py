@@ -470,8 +470,7 @@ def _ensure_ray(cfg: PreprocessConfig) -> bool:
         return False
     from infra.ray_runtime import RayConfig, init_ray
 
-    # "local" unless an address is given: never attach silently to another Ray found on this host
-    return init_ray(RayConfig(address=cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"))
+    return init_ray(RayConfig(address=cfg.ray_address))
 
 
 def _build_manifest(cfg, out, tok, jobs, receipts, skipped, examples, chash, cver, sources, ocfg, so):

@@ -122,8 +122,10 @@ def plan_preprocess(cfg: WorkflowConfig) -> tuple[str, PreprocessConfig]:
 
     tok = plan_tokenizer(cfg)
     pre = replace(cfg.preprocess, tokenizer=tok.output) if tok else cfg.preprocess
-    base = replace(pre, output="", tokenizer="" if tok else pre.tokenizer)
-    key = lineage.digest("preprocess", output_config(base), to_dict(tok) if tok else None, code_version())
+    ocfg = output_config(pre)  # the byte-determining settings (no output path, no worker counts)
+    if tok:
+        ocfg["tokenizer"] = None  # identified by the tokenizer-training config instead of its derived path
+    key = lineage.digest("preprocess", ocfg, _without(tok, "output") if tok else None, code_version())
     return key, replace(pre, output=lineage.join(cfg.run_root, "datasets", key))
 
 
@@ -159,10 +161,24 @@ def run_train(cfg: WorkflowConfig, data: dict, force: bool = False) -> dict:
 
     def body() -> dict:
         res = train.run(tcfg)
+        _ship_tokenizer(data["manifest"], res.export_uri)
         return {"export": res.export_uri, "output": res.output_uri, "checkpoint": res.checkpoint_uri,
                 "metrics": res.metrics, "plot": res.plot_uri, "inputs": [data["key"]], "config": to_dict(tcfg)}
 
     return _run_stage("train", key, lineage.join(cfg.run_root, "train", key), body, force)
+
+
+def _ship_tokenizer(dataset: str, export: str) -> None:
+    """Put the dataset's tokenizer files next to the export, so the export alone can be served or evaluated."""
+    import fsspec
+
+    fs, exp = fsspec.core.url_to_fs(export)
+    if fs.exists(f"{exp}/tokenizer.json"):
+        return
+    dfs, tok_dir = fsspec.core.url_to_fs(lineage.join(dataset, "tokenizer"))
+    for path in dfs.ls(tok_dir, detail=False):
+        with dfs.open(path, "rb") as src, fs.open(f"{exp}/{path.rsplit('/', 1)[-1]}", "wb") as dst:
+            dst.write(src.read())
 
 
 def run_evaluate(cfg: WorkflowConfig, data: dict, model: dict, force: bool = False) -> dict:
@@ -237,7 +253,9 @@ def execute(cfg: WorkflowConfig, forced: set[str], wrap) -> WorkflowResult:
 
     def call(stage, fn, key_fn, *args):
         marker_ok = _marker_matches(cfg.run_root, stage, key_fn())
-        return wrap(stage, fn, key_fn, stage in forced or not marker_ok)(*args, force=stage in forced)
+        before = STAGE_RUNS[stage]
+        rec = wrap(stage, fn, key_fn, stage in forced or not marker_ok)(*args, force=stage in forced)
+        return {**rec, "executed": STAGE_RUNS[stage] > before}  # a Prefect cache hit replays the stored record
 
     pre_key = lambda: plan_preprocess(cfg)[0]  # noqa: E731
     records["preprocess"] = call("preprocess", _task_preprocess, pre_key, cfg)

@@ -212,7 +212,7 @@ def test_experiment_micro_grid_end_to_end(ray_session, tmp_path):
     for (obj, _), rec in cells.items():
         rep = rec["report"]
         assert rep["objective"] == obj
-        assert 1.0 < rep["validation"]["one_pass"]["ppl_bound"] < 10 * 512
+        assert math.isfinite(rep["validation"]["one_pass"]["nll"]) and rep["validation"]["one_pass"]["ppl_bound"] > 1
         assert ("two_pass" in rep["validation"]) == (obj == "sm")
         s = rep["sampling"][0]
         assert s["executor"] == "ray" and s["samples"] == 4
