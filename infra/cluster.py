@@ -69,8 +69,10 @@ class LocalRayCluster:
 
     def start(self, timeout: float = 90.0) -> str:
         self.port = self.port or _free_port()
-        args = ["--head", f"--port={self.port}", f"--num-cpus={self.num_cpus}", "--include-dashboard=false",
-                f"--ray-client-server-port={_free_port()}", f"--dashboard-port={_free_port()}",
+        # the dashboard (loopback only) also serves the state API that Ray Train's monitors query
+        args = ["--head", f"--port={self.port}", f"--num-cpus={self.num_cpus}", "--include-dashboard=true",
+                f"--dashboard-host={self.host}", f"--ray-client-server-port={_free_port()}",
+                f"--dashboard-port={_free_port()}",
                 *self._node_ports(self.host)]
         if self.temp_dir:
             args.append(f"--temp-dir={self.temp_dir}")

@@ -235,6 +235,8 @@ def _prefect_task(stage: str, fn: Callable[..., dict], key_fn: Callable[..., str
 def run_workflow(cfg: WorkflowConfig, force: list[str] | None = None) -> WorkflowResult:
     """Run the configured stages in order (each skipped when complete); returns the records and the lineage."""
     force = list(force or [])
+    if "://" not in cfg.run_root:  # Ray workers run in other directories: local paths must be absolute
+        cfg = replace(cfg, run_root=os.path.abspath(cfg.run_root))
     bad = [f for f in force if f not in STAGES]
     if bad:
         raise ConfigError(f"force: unknown stage(s) {bad}; stages are {list(STAGES)}")
