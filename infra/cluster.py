@@ -79,7 +79,8 @@ class LocalRayCluster:
         self._launch(args, "head")
         self.address = f"{self.host}:{self.port}"
         self._wait_ready(timeout)
-        os.environ["RAY_AUTH_MODE"] = self.auth  # drivers of this process present the cluster's token
+        # NOTE: drivers must have RAY_AUTH_MODE=token set *before* importing ray (the `softmask` CLI does); setting it
+        # here would only reach child processes (a local Ray started later would then reject this process).
         return self.address
 
     def add_worker(self, num_cpus: int = 1, resources: dict | None = None, timeout: float = 90.0) -> None:

@@ -82,8 +82,8 @@ def init_ray(cfg: RayConfig | None = None, *, accelerator: str = "cpu", extra_en
     if address == "local":
         address = None
     if address:
-        # Ray 2.60 clusters use token auth by default; a driver only sends ~/.ray/auth_token in "token" mode.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # Ray 2.60 clusters use token auth by default; a driver only sends ~/.ray/auth_token when RAY_AUTH_MODE=token
+        # was set before ray was imported (the `softmask` CLI sets it first thing; see docs/cluster.md).
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **driver_ip_kwargs(address))
     else:
         # address="local": never attach to whatever /tmp/ray/ray_current_cluster points at (a stale or foreign cluster)

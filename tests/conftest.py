@@ -6,6 +6,10 @@ import socket
 
 import pytest
 
+# One auth mode for the whole test process, fixed before anything imports ray: Ray reads RAY_AUTH_MODE on the client
+# side at import but passes the environment to the GCS it starts, so a later change would make a local Ray reject its
+# own driver. Tests that talk to a token-auth cluster (test_cluster.py) run their drivers as subprocesses.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
