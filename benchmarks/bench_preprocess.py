@@ -83,7 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--corpus", default="multisource")
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--shard-bytes", type=int, default=2 << 20)
+    ap.add_argument("--shard-bytes", type=int, default=1 << 20)
     ap.add_argument("--out", default=None, help="scratch dir (default: a temp dir, removed)")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()

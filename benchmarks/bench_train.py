@@ -115,22 +115,27 @@ def _worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
     from models.objective import ObjectiveConfig, training_loss, uses_two_pass
     from models.optim import param_groups
 
-    from infra.deepspeed import DeepSpeedConfig, build_ds_config, build_engine, promote_scalar_params
+    from infra.deepspeed import (DeepSpeedConfig, build_ds_config, build_engine, gather_for_init, partitioned_init,
+                                 promote_scalar_params, register_external_parameter)
 
     mcfg = ModelConfig.from_flavor(spec["flavor"], **{"vocab_size": 259, "mask_token_id": 257,
                                                       **spec.get("overrides", {})})
-    model = build_model(mcfg)
-    n_params = sum(p.numel() for p in model.parameters())
-    groups = param_groups(model, 3e-4, 0.0, 1e-2)
     kind = spec["kind"]
+    ds = DeepSpeedConfig(zero_stage=int(kind[-1]) if kind != "ddp" else 0, **spec.get("ds", {}))
+    ds_cfg = build_ds_config(ds, micro_batch=spec["micro"], grad_accum=1, world_size=world, on_gpu=False)
+    # as the training stage builds it: ZeRO-3 partitions the model while it is constructed (zero.Init)
+    model = build_model(mcfg, partition=lambda: partitioned_init(ds_cfg))
+    if ds.zero_stage == 3:
+        model.init_parameters(gather=gather_for_init)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    groups = param_groups(model, 3e-4, 0.0, 1e-2)
     if kind == "ddp":
         promote_scalar_params(model)
         wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
     else:
-        ds = DeepSpeedConfig(zero_stage=int(kind[-1]))
-        wrapped = build_engine(model, groups, build_ds_config(ds, micro_batch=spec["micro"], grad_accum=1,
-                                                              world_size=world, on_gpu=False), ds)
+        wrapped = build_engine(model, groups, ds_cfg, ds)
+        register_external_parameter(wrapped, wrapped.module.backbone, wrapped.module.backbone.embed.weight)
     obj = ObjectiveConfig(kind=spec.get("objective", "sm"), p_sm=0.8)
     data = torch.from_numpy(stdlib_tokens(spec["micro"] * spec["seq_len"] * world * (spec["steps"] + 1)))
     data = data.view(-1, spec["micro"], spec["seq_len"])
@@ -202,12 +207,21 @@ def bench_ddp(steps: int) -> dict:
             "runs": out}
 
 
+# Communication buffers sized for a ~100M model on CPU (same for both stages): DeepSpeed's buffers are sized in
+# elements, and the 50M-element defaults alone (200 MB fp32 each) would hide the parameter memory ZeRO-3 saves.
+MEMORY_DS = {"reduce_bucket_size": 5_000_000, "stage3_prefetch_bucket_size": 5_000_000,
+             "stage3_max_live_parameters": 10_000_000, "stage3_max_reuse_distance": 10_000_000}
+
+
 def bench_memory(steps: int) -> dict:
     # ~100M parameters: d_model 768, 12 layers (85M in blocks) + 8192-token embeddings/head (12.6M)
     spec = {"flavor": "tiny", "overrides": {"d_model": 768, "n_layers": 12, "n_heads": 12, "vocab_size": 8192,
                                             "mask_token_id": 8191},
-            "seq_len": 128, "micro": 2, "steps": steps, "threads": 1}
-    out = {}
+            "seq_len": 128, "micro": 2, "steps": steps, "threads": 1, "ds": MEMORY_DS}
+    # glibc's dynamic mmap threshold otherwise parks the freed ZeRO-3 gather buffers (~10 MB each) in the heap, where
+    # they stay resident: a fixed threshold returns them to the OS (both stages measured alike; spawned ranks read it)
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    out = {"malloc_mmap_threshold": os.environ["MALLOC_MMAP_THRESHOLD_"], "ds_buffers": MEMORY_DS}
     for kind in ("zero2", "zero3"):
         res = run_ranks(dict(spec, kind=kind))
         out[kind] = [{k: round(r[k], 1) for k in ("rss_start_mb", "rss_peak_mb", "rss_end_mb")} for r in res]
@@ -217,7 +231,8 @@ def bench_memory(steps: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- one device
-def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, device_name: str | None) -> dict:
+def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, device_name: str | None,
+              objective: str = "sm", compile_blocks: bool = False, profile_out: str | None = None) -> dict:
     """Single process DeepSpeed ZeRO-2 (bf16 on GPU, fp32 on CPU): tokens/s and MFU."""
     import torch
     import torch.distributed as dist
@@ -239,10 +254,14 @@ def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, de
     mcfg = ModelConfig.from_flavor(flavor, **over)
     model = build_model(mcfg)
     n_params = sum(p.numel() for p in model.parameters())
+    if compile_blocks:
+        from models.compile import compile_blocks as compile_model_blocks
+
+        compile_model_blocks(model)
     ds = DeepSpeedConfig(zero_stage=2)
     engine = build_engine(model, param_groups(model, 3e-4, 0.0, 1e-2),
                           build_ds_config(ds, micro_batch=micro, grad_accum=1, world_size=1, on_gpu=on_gpu), ds)
-    obj = ObjectiveConfig(kind="sm", p_sm=0.8)
+    obj = ObjectiveConfig(kind="sm", p_sm=0.8) if objective == "sm" else ObjectiveConfig(kind=objective)
     gen = torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     times, two_passes = [], 0
@@ -258,12 +277,28 @@ def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, de
         if step >= warmup:
             times.append(time.perf_counter() - t0)
             two_passes += int(two)
+    if profile_out:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        with profile(activities=acts) as prof:
+            for step in range(warmup + steps, warmup + steps + 3):
+                x0 = torch.randint(0, 50257, (micro, seq_len), generator=gen).to(engine.device)
+                loss, _ = training_loss(engine, x0, obj, seed=0, step=step, two_pass=uses_two_pass(obj, 0, step))
+                engine.backward(loss)
+                engine.step()
+            sync()
+        with open(profile_out, "w") as f:
+            key = "cuda_time_total" if on_gpu else "cpu_time_total"
+            f.write(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+            f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25) + "\n")
     tok_s = micro * seq_len * len(times) / sum(times)
     name = device_name or (torch.cuda.get_device_name(0) if on_gpu else "cpu")
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     frac_two = two_passes / max(1, len(times))
     res = {"device": name, "flavor": flavor, "n_params": n_params, "seq_len": seq_len, "micro_batch": micro,
            "precision": "bf16" if on_gpu else "fp32", "zero_stage": 2, "steps_timed": len(times),
+           "objective": objective, "compiled_blocks": compile_blocks,
            "tokens_per_s": tok_s, "two_pass_fraction": frac_two, "final_loss": loss.item()}
     if peak:
         res["peak_bf16_flops"] = peak
@@ -285,12 +320,16 @@ def main(argv=None) -> int:
     ap.add_argument("--micro", type=int, default=16, help="gpu section: micro batch")
     ap.add_argument("--warmup", type=int, default=3, help="gpu section: untimed steps")
     ap.add_argument("--device-name", default=None, help="gpu section: override the detected device name")
+    ap.add_argument("--objective", default="sm", help="gpu section: sm (p_sm 0.8) | binary | selfcond")
+    ap.add_argument("--compile", action="store_true", help="gpu section: torch.compile each transformer block")
+    ap.add_argument("--profile", default=None, help="gpu section: write a torch.profiler table of 3 more steps here")
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
     real_stdout, sys.stdout = sys.stdout, sys.stderr  # stdout carries only the JSON result
     out: dict = {"host_cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}
     if "gpu" in only:
-        out["gpu"] = bench_gpu(args.flavor, args.seq_len, args.micro, args.steps, args.warmup, args.device_name)
+        out["gpu"] = bench_gpu(args.flavor, args.seq_len, args.micro, args.steps, args.warmup, args.device_name,
+                               args.objective, args.compile, args.profile)
     if "ddp" in only:
         out["ddp_vs_zero2"] = bench_ddp(args.steps)
     if "memory" in only:

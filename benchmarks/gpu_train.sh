@@ -4,6 +4,8 @@
 # (989 TFLOP/s dense for H100/H200 SXM; "mfu_with_pass1" also counts the no-grad first pass of two-pass steps).
 # Finishes in well under 5 minutes (model build + ~3 warmup + 30 timed steps).
 #   bash benchmarks/gpu_train.sh                      # GPU defaults
+#   bash benchmarks/gpu_train.sh --compile            # torch.compile each transformer block
+#   bash benchmarks/gpu_train.sh --objective binary   # the MDLM baseline step, for the SM overhead
 #   TOY=1 bash benchmarks/gpu_train.sh                # CPU smoke test at toy size (debug flavor, seq 64)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +14,8 @@ export PYTHONWARNINGS=ignore::FutureWarning,ignore::DeprecationWarning
 if [[ "${TOY:-0}" == "1" ]]; then
   export DS_ACCELERATOR=cpu
   exec timeout 600 "$PY" benchmarks/bench_train.py --only gpu --flavor debug --seq-len 64 --micro 2 --steps 3 \
-    --warmup 1 --device-name "${DEVICE_NAME:-H100 (toy run on CPU: MFU meaningless)}"
+    --warmup 1 --device-name "${DEVICE_NAME:-H100 (toy run on CPU: MFU meaningless)}" "$@"
 fi
 export DS_ACCELERATOR=cuda
 exec timeout 300 "$PY" benchmarks/bench_train.py --only gpu --flavor "${FLAVOR:-small}" --seq-len "${SEQ_LEN:-1024}" \
-  --micro "${MICRO:-16}" --steps "${STEPS:-30}" --warmup "${WARMUP:-3}"
+  --micro "${MICRO:-16}" --steps "${STEPS:-30}" --warmup "${WARMUP:-3}" "$@"

@@ -233,6 +233,31 @@ def global_grad_norm(engine) -> float:
         return float("nan")
 
 
+def partitioned_init(ds_config: dict):
+    """Context to build a model already partitioned across ranks (ZeRO-3 ``deepspeed.zero.Init``): no rank ever
+    holds the whole model. A no-op context below stage 3. Needs the process group (Ray Train sets it up)."""
+    if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the existing process group
+    # zero.Init reads only the ZeRO/precision sections; the batch fields would be re-checked against its own world view
+    init_cfg = {k: v for k, v in ds_config.items() if k not in ("train_batch_size", "gradient_accumulation_steps")}
+    return deepspeed.zero.Init(config_dict_or_path=init_cfg)
+
+
+def gather_for_init(params: list) -> "contextlib.AbstractContextManager":
+    """Make ZeRO-3 partitioned ``params`` whole and writable (rank 0's values win, broadcast on exit); a no-op for
+    ordinary parameters. Used to initialise or load weights into a model built under :func:`partitioned_init`."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
 def register_external_parameter(engine, module, param) -> None:
     """Tell ZeRO-3 that ``module``'s forward uses ``param`` owned by another module (a no-op below stage 3)."""
     if zero_stage(engine) == 3:
@@ -272,3 +297,50 @@ class NamedTensors:
 
     def named_parameters(self):
         return iter(self._pairs)
+
+
+# ------------------------------------------------------------------------------------------- memory estimate
+def estimate_zero3_memory(n_params: int, num_gpus_per_node: int, num_nodes: int, offload: bool, *,
+                          largest_layer_params: int | None = None, buffer_factor: float = 1.5,
+                          gpu_memory_gib: float | None = None) -> dict:
+    """ZeRO-3 model-state memory per GPU and per node's CPU, from DeepSpeed's own estimator.
+
+    Calls ``deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs`` (the function behind DeepSpeed's
+    printed ``estimate_zero3_model_states_mem_needs_all_cold`` table) for our setting: the model is built under
+    ``zero.Init`` (:func:`partitioned_init`, ``zero_init=True``) and ``offload`` moves the optimizer states and fp32
+    master weights to CPU memory (``DeepSpeedConfig.offload_optimizer``; parameters stay on the GPUs). ``table`` has
+    every variant DeepSpeed prints. ``largest_layer_params`` (gathered whole, 4 bytes/param) defaults to 10% of
+    ``n_params``, about the embedding matrix of 1-10B LMs (Qwen2.5/Dream-7B: 152064 x 3584 = 545M of 7.6B).
+    NOTE: model states only (bf16 params + grads, fp32 master + Adam moments, 18 bytes/param over all GPUs):
+    activations, the (B, L, V) fp32 logits and allocator slack come on top. With a frozen backbone (LoRA/DoRA) only the
+    adapters carry optimizer states, so the figure is an upper bound there.
+    """
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    require(n_params > 0, "n_params", f"must be > 0, got {n_params}")
+    require(num_gpus_per_node >= 1 and num_nodes >= 1, "num_gpus_per_node", "GPUs per node and nodes must be >= 1")
+    largest = int(largest_layer_params if largest_layer_params is not None else max(1, n_params // 10))
+    gib = 2 ** 30
+
+    def one(cpu_offload: bool, offload_params: bool, zero_init: bool = True) -> dict:
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            total_params=int(n_params), largest_layer_params=largest, num_gpus_per_node=num_gpus_per_node,
+            num_nodes=num_nodes, cpu_offload=cpu_offload, cpu_offload_params=offload_params, zero_init=zero_init,
+            additional_buffer_factor=buffer_factor)
+        return {"offload_optimizer": "cpu" if cpu_offload else "none", "offload_param": "cpu" if offload_params
+                else "none", "zero_init": zero_init, "per_gpu_bytes": int(gpu), "per_node_cpu_bytes": int(cpu),
+                "per_gpu_gib": round(gpu / gib, 2), "per_node_cpu_gib": round(cpu / gib, 2)}
+
+    table = [one(o, p, z) for o in (True, False) for p in (True, False) if o or not p for z in (True, False)]
+    chosen = one(offload, False, True)
+    out = {"n_params": int(n_params), "largest_layer_params": largest, "num_gpus_per_node": num_gpus_per_node,
+           "num_nodes": num_nodes, "total_gpus": num_gpus_per_node * num_nodes, "offload": offload,
+           "buffer_factor": buffer_factor, **chosen, "largest_layer_gib": round(4 * largest / gib, 2), "table": table,
+           "fits": None if gpu_memory_gib is None else chosen["per_gpu_gib"] <= gpu_memory_gib}
+    out["summary"] = (f"ZeRO-3 model states (DeepSpeed estimator) for {n_params / 1e9:.2f}B params on {num_nodes} "
+                      f"node(s) x {num_gpus_per_node} GPU(s), offload_optimizer={chosen['offload_optimizer']}: "
+                      f"{chosen['per_gpu_gib']:.2f} GiB per GPU, {chosen['per_node_cpu_gib']:.2f} GiB CPU per node"
+                      + ("" if gpu_memory_gib is None else
+                         f" ({'fits' if out['fits'] else 'does NOT fit'} {gpu_memory_gib:g} GiB GPUs)")
+                      + "; activations and logits come on top")
+    return out

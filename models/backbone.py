@@ -5,7 +5,9 @@ Input is either token ids (B, L) or a soft-mask input ``(ids (B, L, K), weights 
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Callable, ContextManager, Iterator
 
 import torch
 import torch.nn as nn
@@ -16,9 +18,26 @@ from models.config import ModelConfig
 TokenInput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
+Gather = Callable[[list[nn.Parameter]], ContextManager]
+
+
+def no_gather(params: list[nn.Parameter]) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+def _post_order(module: nn.Module) -> Iterator[nn.Module]:
+    """Modules children-first, as ``nn.Module.apply`` visits them."""
+    for child in module.children():
+        yield from _post_order(child)
+    yield module
+
+
 def sparse_embed(weight: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Σ_k w[..., k] · weight[ids[..., k]]  for ids/w of shape (B, L, K) -> (B, L, d)."""
     B, L, K = ids.shape
+    if weight.dtype in (torch.bfloat16, torch.float16):
+        # embedding_bag has no CUDA backward for per-sample weights in bf16/fp16: gather K rows, weighted sum
+        return (F.embedding(ids, weight) * w.unsqueeze(-1).to(weight.dtype)).sum(dim=-2)  # (B, L, K, d) -> (B, L, d)
     out = F.embedding_bag(ids.reshape(B * L, K), weight, per_sample_weights=w.reshape(B * L, K).to(weight.dtype),
                           mode="sum")  # (B*L, d)
     return out.view(B, L, -1)
@@ -88,23 +107,32 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.time_embed = TimeEmbedding(cfg.d_model) if cfg.time_conditioning else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         self.drop = nn.Dropout(cfg.dropout)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.apply(self._init_weights)
+        self.init_parameters()
+
+    def init_parameters(self, gather: Gather = no_gather) -> None:
+        """N(0, init_std) linears/embeddings, zero biases, GPT-2 scaled residual projections.
+
+        ``gather(params)`` is a context manager that makes ``params`` whole and writable while they are initialised,
+        one module at a time (ZeRO-3 builds the model partitioned; the trainer passes DeepSpeed's GatheredParameters).
+        Same random stream as ``Module.apply`` order, so the default path is the constructor's exact init.
+        """
+        for m in _post_order(self):
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                with gather([p for p in (m.weight, getattr(m, "bias", None)) if p is not None]):
+                    nn.init.normal_(m.weight, mean=0.0, std=self.config.init_std)
+                    if getattr(m, "bias", None) is not None:
+                        nn.init.zeros_(m.bias)
         for name, p in self.named_parameters():  # GPT-2 style scaled init of residual projections
             if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
-
-    def _init_weights(self, m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=self.config.init_std)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
+                with gather([p]):
+                    nn.init.normal_(p, mean=0.0, std=self.config.init_std / math.sqrt(2 * self.config.n_layers))
 
     def _rotary(self, L: int, device, dtype):
         if self._rope is None or self._rope[0].shape[0] < L or self._rope[0].device != device:

@@ -30,6 +30,8 @@ class ModelConfig:
     self_conditioning: bool = _f(False, "build the self-conditioning input projection (baseline objective)")
     init_std: float = _f(0.02, "std of the normal weight init")
     norm_eps: float = _f(1e-5, "LayerNorm epsilon")
+    vocab_pad_multiple: int = _f(1, "round the embedding / output matrices up to a multiple of this many rows (64 keeps "
+                                    "GPU matmuls on their fast kernels); padded ids are never predicted")
 
     def __post_init__(self) -> None:
         if self.mask_token_id is None:
@@ -43,10 +45,17 @@ class ModelConfig:
             "max_seq_len": self.max_seq_len > 0,
             "dropout": 0.0 <= self.dropout < 1.0,
             "softmask_k": self.softmask_k is None or 1 <= self.softmask_k < self.vocab_size,
+            "vocab_pad_multiple": self.vocab_pad_multiple >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid ModelConfig field(s) {bad}: {self}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and output matrices (>= vocab_size)."""
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
 
     @property
     def head_dim(self) -> int:
@@ -81,5 +90,5 @@ FLAVORS: dict[str, dict[str, Any]] = {
     "debug": dict(vocab_size=1024, d_model=128, n_layers=4, n_heads=4, max_seq_len=256),
     "tiny": dict(vocab_size=8192, d_model=384, n_layers=6, n_heads=6, max_seq_len=512),
     "small": dict(vocab_size=50258, mask_token_id=50257, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024,
-                  dropout=0.1),
+                  dropout=0.1, vocab_pad_multiple=64),
 }

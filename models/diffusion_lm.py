@@ -8,10 +8,13 @@ Unmasked positions carry their token over (SUBS); consumers (loss, samplers) onl
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Callable, ContextManager
+
 import torch
 import torch.nn as nn
 
-from models.backbone import Backbone, sparse_embed
+from models.backbone import Backbone, Gather, no_gather, sparse_embed
 from models.config import ModelConfig
 from models.softmask import SoftMaskHead
 
@@ -19,21 +22,41 @@ NEG_INF = -1e6  # finite "−∞" for the [MASK] logit (as MDLM): keeps softmax/
 
 
 class DiffusionLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None,
+                 partition: Callable[[], ContextManager] | None = None):
+        """``partition()``: a context the large modules are built in (the trainer passes ZeRO-3's ``zero.Init``);
+        the SM head's scalars are always built outside it, as ordinary parameters."""
         super().__init__()
         self.config = cfg
         self.mask_id = cfg.mask_token_id
-        self.backbone = Backbone(cfg)
+        partition = partition or contextlib.nullcontext
+        # Any module with the Backbone interface (hidden/forward/embed/lm_head) may stand in, e.g. models.hf_backbone.
+        with partition():
+            self.backbone = backbone if backbone is not None else Backbone(cfg)
         self.sm_head = SoftMaskHead(k=cfg.softmask_k)
         # Self-conditioning baseline (Analog-Bits style): projected top-k estimate of x̂0 added at ALL positions.
-        self.sc_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.self_conditioning else None
+        with partition():
+            self.sc_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.self_conditioning else None
         if self.sc_proj is not None:
-            nn.init.zeros_(self.sc_proj.weight)  # starts as the binary model
+            nn.init.zeros_(self.sc_proj.weight)  # starts as the binary model (partitioned: redone by init_parameters)
         self.last_stats: dict[str, torch.Tensor] = {}
+
+    def init_parameters(self, gather: Gather = no_gather) -> None:
+        """Re-run the constructor's initialisation with each module's parameters made whole by ``gather``.
+
+        For a model built partitioned (DeepSpeed ZeRO-3 ``zero.Init``: a parent's post-construction init would only
+        see empty partitions). The SM head's scalars are set in its own constructor and are left as they are.
+        """
+        self.backbone.init_parameters(gather)
+        if self.sc_proj is not None:
+            with gather([self.sc_proj.weight]):
+                nn.init.zeros_(self.sc_proj.weight)
 
     def _predict(self, inputs, t, extra=None) -> torch.Tensor:
         logits = self.backbone(inputs, t, extra)  # (B, L, V)
         logits[..., self.mask_id] = NEG_INF  # SUBS: never predict [MASK]
+        if logits.shape[-1] > self.config.vocab_size:
+            logits[..., self.config.vocab_size:] = NEG_INF  # padding rows (vocab_pad_multiple) are not tokens
         return logits
 
     def feedback_input(self, x_t: torch.Tensor, prev_logits: torch.Tensor):
@@ -85,5 +108,6 @@ class DiffusionLM(nn.Module):
         return n
 
 
-def build_model(cfg: ModelConfig) -> DiffusionLM:
-    return DiffusionLM(cfg)
+def build_model(cfg: ModelConfig, partition: Callable[[], ContextManager] | None = None) -> DiffusionLM:
+    """Our own backbone + SM head. ``partition``: see :class:`DiffusionLM` (ZeRO-3 builds the backbone partitioned)."""
+    return DiffusionLM(cfg, partition=partition)

@@ -35,20 +35,36 @@ def entropy_from_logits(z: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def _rows_per_chunk(z: torch.Tensor) -> int:
+    """Rows of z handled at once: cache-sized on CPU; ~256 MB of fp32 on an accelerator, where every chunk costs a
+    handful of kernel launches and small chunks would leave the device idle between them."""
+    if z.device.type == "cpu":
+        return 32
+    return max(32, (256 << 20) // (4 * z.shape[-1]))
+
+
 @torch.no_grad()
-def entropy_topk(z: torch.Tensor, k: int, chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(−H, top-k logits, top-k ids) of each row of z (M, V), fp32, in cache-sized row chunks.
+def entropy_topk(z: torch.Tensor, k: int, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(−H, top-k logits, top-k ids) of each row of z (M, V), fp32, in row chunks.
 
     One fused log_softmax, one exp and one dot per chunk: on a 50k vocabulary this reads each row ~4 times while it
-    is still in cache, instead of materialising several (M, V) temporaries."""
+    is still in cache (CPU) or in few large kernels (GPU), instead of materialising several (M, V) temporaries."""
     M = z.shape[0]
+    chunk = chunk or _rows_per_chunk(z)
     neg_h = torch.empty(M, device=z.device, dtype=torch.float32)
     top_z = torch.empty(M, k, device=z.device, dtype=torch.float32)
     top_i = torch.empty(M, k, device=z.device, dtype=torch.long)
     for s in range(0, M, chunk):
         zc = z[s:s + chunk].float()
-        neg_h[s:s + chunk] = -entropy_from_logits(zc)
-        torch.topk(zc, k, dim=-1, out=(top_z[s:s + chunk], top_i[s:s + chunk]))
+        logp = torch.log_softmax(zc, dim=-1)  # (m, V)
+        neg_h[s:s + chunk] = torch.linalg.vecdot(logp.exp(), logp)
+        if k == 1:
+            torch.max(zc, dim=-1, keepdim=True, out=(top_z[s:s + chunk], top_i[s:s + chunk]))
+        else:
+            torch.topk(zc, k, dim=-1, out=(top_z[s:s + chunk], top_i[s:s + chunk]))
+    bad = torch.isnan(neg_h)
+    if bad.any():  # −inf logits give 0·(−inf): redo those rows with a finite stand-in (rare path, one sync)
+        neg_h[bad] = -entropy_from_logits(z[bad])
     return neg_h, top_z, top_i
 
 

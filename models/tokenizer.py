@@ -213,23 +213,25 @@ def _resolve_roles(tok, configured: dict[str, str], spec: str, add_missing: bool
     return roles
 
 
-def _load_file(path: Path, spec: str, add_missing: bool, folder: Path | None = None) -> TextTokenizer:
+def _load_file(path: Path, spec: str, add_missing: bool, folder: Path | None = None,
+               chosen: dict[str, str] | None = None) -> TextTokenizer:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(path))
-    roles = _resolve_roles(tok, _configured_roles(folder or path.parent), spec, add_missing)
+    roles = _resolve_roles(tok, {**_configured_roles(folder or path.parent), **(chosen or {})}, spec, add_missing)
     return TextTokenizer(tok, eos_token=roles["eos"], mask_token=roles["mask"], pad_token=roles["pad"], spec=spec)
 
 
-def _load_hf_dir(folder: Path, spec: str, add_missing: bool) -> TextTokenizer:
+def _load_hf_dir(folder: Path, spec: str, add_missing: bool, chosen: dict[str, str] | None = None) -> TextTokenizer:
     if (folder / "tokenizer.json").is_file():
-        return _load_file(folder / "tokenizer.json", spec, add_missing, folder)
+        return _load_file(folder / "tokenizer.json", spec, add_missing, folder, chosen)
     from transformers import AutoTokenizer  # slow-only formats (vocab.txt, merges.txt, ...) via transformers
 
     hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     if not getattr(hf, "is_fast", False):
         raise ValueError(f"tokenizer {spec!r}: transformers could not build a fast tokenizer from {folder}")
     configured = {r: t for r in ("eos", "mask", "pad") if (t := _token_name(getattr(hf, f"{r}_token", None)))}
+    configured.update(chosen or {})
     tok = hf.backend_tokenizer
     roles = _resolve_roles(tok, configured, spec, add_missing)
     return TextTokenizer(tok, eos_token=roles["eos"], mask_token=roles["mask"], pad_token=roles["pad"], spec=spec)
@@ -239,18 +241,33 @@ def _load_hf_dir(folder: Path, spec: str, add_missing: bool) -> TextTokenizer:
 NAMED_TOKENIZERS = {"gpt2": _load_gpt2}
 
 
-def load_tokenizer(spec: str | os.PathLike, *, add_missing_specials: bool = False) -> TextTokenizer:
-    """``"gpt2"`` | path to a ``tokenizer.json`` | HF tokenizer directory -> :class:`TextTokenizer`."""
+def load_tokenizer(spec: str | os.PathLike, *, add_missing_specials: bool = False,
+                   roles: dict[str, str] | None = None) -> TextTokenizer:
+    """``"gpt2"`` | path to a ``tokenizer.json`` | HF tokenizer directory -> :class:`TextTokenizer`.
+
+    ``roles`` ({"eos"|"mask"|"pad": token}) picks tokens of the vocabulary for those roles ahead of the tokenizer's own
+    config (e.g. an existing token as [MASK]); each must exist (else MissingSpecialTokenError naming it).
+    """
     spec_str = str(spec)
+    for role, token in (roles or {}).items():
+        if role not in ROLE_CANDIDATES:
+            raise ValueError(f"roles: unknown role {role!r} (one of {', '.join(ROLE_CANDIDATES)})")
     if spec_str in NAMED_TOKENIZERS:
+        if roles:
+            raise ValueError(f"roles: the named tokenizer {spec_str!r} has fixed roles")
         return NAMED_TOKENIZERS[spec_str]()
     path = Path(spec_str).expanduser()
     if path.is_dir():
-        return _load_hf_dir(path, spec_str, add_missing_specials)
-    if path.is_file():
-        return _load_file(path, spec_str, add_missing_specials)
-    raise FileNotFoundError(f"tokenizer {spec_str!r}: not a known name ({', '.join(NAMED_TOKENIZERS)}), "
-                            f"nor an existing tokenizer.json file or tokenizer directory")
+        tok = _load_hf_dir(path, spec_str, add_missing_specials, roles)
+    elif path.is_file():
+        tok = _load_file(path, spec_str, add_missing_specials, chosen=roles)
+    else:
+        raise FileNotFoundError(f"tokenizer {spec_str!r}: not a known name ({', '.join(NAMED_TOKENIZERS)}), "
+                                f"nor an existing tokenizer.json file or tokenizer directory")
+    for role, token in (roles or {}).items():
+        if getattr(tok, f"{role}_token") != token:
+            raise MissingSpecialTokenError(f"tokenizer {spec_str!r}: {role} token {token!r} is not in the vocabulary")
+    return tok
 
 
 # ---------------------------------------------------------------------------------------------------- training

@@ -44,6 +44,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
                                  "help": "rerun STAGE and every stage after it (repeatable)"}))),
     Command("preprocess", "tokenise and pack text into Parquet shards (Ray)", "pipelines.preprocess:PreprocessConfig",
             "pipelines.commands:cli_preprocess", section="preprocess"),
+    Command("hf-import", "a local HF dir / GGUF / packaged model -> softmask checkpoint + tokenizer",
+            "pipelines.hf_import:HFImportConfig", "pipelines.hf_import:cli_hf_import", section="hf_import"),
     Command("train", "Ray Train + DeepSpeed training", "workers.train_config:TrainConfig",
             "pipelines.commands:cli_train", section="train"),
     Command("eval", "evaluate a checkpoint (ELBO PPL, gen PPL, MAUVE, entropy)", "pipelines.evaluate:EvalConfig",
@@ -54,9 +56,15 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "pipelines.serve:ServeStageConfig", "pipelines.commands:cli_serve", section="serve"),
     Command("schedule", "register a cron-scheduled workflow (long-lived Prefect server + serve process)",
             "pipelines.workflow:WorkflowConfig", "pipelines.commands:cli_schedule",
-            extras=(("--cron", {"required": True, "help": "cron expression, e.g. '0 3 * * *'"}),
-                    ("--api-url", {"default": None, "help": "Prefect API URL (default: start a local server)"}),
-                    ("--deployment-name", {"default": None, "help": "name of the Prefect deployment"}))),
+            extras=(("--cron", {"required": True, "help": "cron expression, e.g. '0 3 * * *' (validated first)"}),
+                    ("--timezone", {"default": "UTC", "help": "IANA timezone of the cron schedule (default UTC), "
+                                                              "e.g. Europe/Paris"}),
+                    ("--api-url", {"default": None, "help": "Prefect API URL, e.g. the one `softmask ui` prints "
+                                                            "(default: start a local Prefect server with its UI)"}),
+                    ("--ui-port", {"default": 0, "type": int, "help": "port of the Prefect server it starts "
+                                                                      "(default: a free port; printed)"}),
+                    ("--deployment-name", {"default": None, "help": "name of the Prefect deployment "
+                                                                    "(default: <name>-scheduled)"}))),
     Command("ui", "start the Prefect UI on 127.0.0.1", "pipelines.commands:UiConfig",
             "pipelines.commands:cli_ui"),
     Command("status", "what ran and where the artifacts are", "pipelines.commands:StatusConfig",
@@ -140,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"softmask {cmd.name}: config error: {e}", file=sys.stderr)
         return 2
     runner: Callable[[Any, dict], int] = _resolve(cmd.main)
-    return int(runner(cfg, extras) or 0)
+    try:
+        return int(runner(cfg, extras) or 0)
+    except KeyboardInterrupt:  # commands that start servers handle signals themselves; this is the rest
+        print(f"softmask {cmd.name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

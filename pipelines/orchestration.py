@@ -2,14 +2,21 @@
 
 Prefect settings are applied before Prefect is imported: a longer ephemeral-server start-up timeout (the 20 s default
 was seen to be missed on a loaded 2-core machine), no analytics, and PREFECT_HOME inside the project unless set.
+
+Servers that the CLI starts (`PrefectServer`) run in their own session, so a terminal Ctrl-C (SIGINT to the whole
+foreground process group) reaches only the CLI, which then records the interrupted run on a server that is still up
+and stops the server itself. Prefect's own temporary server is a plain child process: a Ctrl-C killed it first and
+the flow engine then retried reporting the crash against a dead API for a minute and more.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -27,18 +34,49 @@ def prefect_env() -> None:
     os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
 
 
+@contextlib.contextmanager
+def prefect_api(api_url: str | None):
+    """Point this process (and the processes it starts) at ``api_url``. Prefect reads its settings when it is
+    imported, so a later environment change alone would not reach an already-imported Prefect."""
+    if not api_url:
+        yield
+        return
+    os.environ["PREFECT_API_URL"] = api_url
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        yield
+
+
+def drain_prefect(timeout: float = 10.0) -> None:
+    """Flush Prefect's background log/event senders while the API is still up (else they retry at exit)."""
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=timeout)
+        EventsWorker.drain_all(timeout=timeout)
+    except Exception:  # noqa: BLE001 - best effort: losing a log line must not fail the command
+        pass
+
+
 def run_with_prefect(cfg, forced: set[str]):
-    """Run the workflow as a Prefect flow in this process (embedded temporary API server unless PREFECT_API_URL)."""
+    """Run the workflow as a Prefect flow in this process: on the server at PREFECT_API_URL when set (`softmask run`
+    starts one of its own), else on Prefect's temporary local server."""
     prefect_env()
-    from prefect import flow
+    with prefect_api(os.environ.get("PREFECT_API_URL")):
+        from prefect import flow
 
-    from pipelines.workflow import _prefect_task, execute
+        from pipelines.workflow import _prefect_task, execute
 
-    @flow(name=cfg.name, log_prints=True, validate_parameters=False)
-    def softmask_workflow():
-        return execute(cfg, forced, _prefect_task)
+        @flow(name=cfg.name, log_prints=True, validate_parameters=False)
+        def softmask_workflow():
+            return execute(cfg, forced, _prefect_task)
 
-    return softmask_workflow()
+        try:
+            return softmask_workflow()
+        finally:
+            drain_prefect()
 
 
 def _free_port() -> int:
@@ -47,51 +85,133 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class PrefectServer:
-    """`prefect server start` on 127.0.0.1 in its own process group (UI + scheduler), stopped by us."""
+# Exec a command with PR_SET_PDEATHSIG=SIGTERM (Linux): it is stopped even if the process that started it dies without
+# stopping it (SIGKILL, a crash). A launcher instead of preexec_fn, which is unsafe in a process with threads.
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys\n"
+                    "try:\n    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
+                    "except Exception:\n    pass\n"
+                    "os.execv(sys.argv[1], sys.argv[1:])\n")
 
-    def __init__(self, port: int = 0):
+
+class PrefectServer:
+    """`prefect server start` on 127.0.0.1 in its own session (API, UI unless ``ui=False``, and the scheduler
+    services unless ``services=False``), stopped by us; it also dies with the process that started it."""
+
+    def __init__(self, port: int = 0, ui: bool = True, services: bool = True):
         self.port = port or _free_port()
+        self.ui = ui
+        self.services = services
         self.proc: subprocess.Popen | None = None
+        self.log_path: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
+        return f"{self.url}/api"
+
+    def _log_tail(self, n: int = 2000) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")[-n:]
+        except (OSError, TypeError):
+            return ""
 
     def start(self, timeout: float = 180.0) -> "PrefectServer":
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> "PrefectServer":
+        """Start the process and return at once (``wait_ready`` waits for its API): other start-up work can overlap."""
         prefect_env()
         exe = Path(sys.executable).with_name("prefect")
-        self.proc = subprocess.Popen([str(exe), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited with {self.proc.returncode}")
-            try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(1.0)
-        self.stop()
-        raise TimeoutError(f"prefect server did not answer on {self.api_url} within {timeout:.0f}s")
+        args = [sys.executable, "-c", _DIE_WITH_PARENT, str(exe), "server", "start", "--host", "127.0.0.1",
+                "--port", str(self.port)]
+        args += [] if self.ui else ["--no-ui"]
+        args += [] if self.services else ["--no-services"]
+        fd, self.log_path = tempfile.mkstemp(prefix=f"softmask-prefect-{self.port}-", suffix=".log")
+        try:
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        finally:
+            os.close(fd)
+        return self
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
+    def wait_ready(self, timeout: float = 180.0) -> "PrefectServer":
+        try:
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"prefect server exited with {self.proc.returncode}; port {self.port} taken? "
+                                       f"log {self.log_path}:\n{self._log_tail()}")
+                try:
+                    with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
+                        if r.status == 200:
+                            return self
+                except OSError:
+                    time.sleep(0.5)
+            raise TimeoutError(f"prefect server did not answer on {self.api_url} within {timeout:.0f}s "
+                               f"(log {self.log_path})")
+        except BaseException:  # a timeout, a failure, or Ctrl-C while it starts: never leave it behind
+            self.stop(keep_log=True)
+            raise
+
+    def stop(self, grace: float = 10.0, keep_log: bool = False) -> None:
+        if self.proc is None:
+            return
+        try:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever is left of its group
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        if self.proc.returncode is not None and self.log_path and not keep_log:
+            with contextlib.suppress(OSError):
+                os.unlink(self.log_path)
+
+    def __enter__(self) -> "PrefectServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
-def register_schedule(cfg, cron: str, name: str, api_url: str):
-    """Register a deployment with a cron schedule on the Prefect server at ``api_url``; returns (flow, deployment)."""
-    os.environ["PREFECT_API_URL"] = api_url
+def cron_schedule(cron: str, timezone: str):
+    """Validate a cron string and an IANA timezone the way Prefect will; returns the schedule or raises ValueError
+    with a one-line reason (before any server or cluster is started)."""
+    prefect_env()
+    import pydantic
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        return CronSchedule(cron=cron, timezone=timezone)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        raise ValueError(f"{err['loc'][0] if err.get('loc') else 'schedule'}: "
+                         f"{str(err['msg']).removeprefix('Value error, ')}") from None
+
+
+def register_schedule(cfg, cron: str, name: str, timezone: str = "UTC"):
+    """The deployment of the scheduled workflow (a cron schedule in ``timezone``); `prefect.serve` registers it on
+    the current Prefect API and runs its flow runs. Returns (flow, deployment)."""
     from infra.config import to_dict
 
     prefect_env()
+    from prefect.deployments.runner import EntrypointType
+    from prefect.schedules import Cron
+
     from pipelines.scheduled import softmask_scheduled
 
-    deployment = softmask_scheduled.to_deployment(name=name, cron=cron, parameters={"config": to_dict(cfg)})
+    cron_schedule(cron, timezone)
+    deployment = softmask_scheduled.to_deployment(
+        name=name, schedules=[Cron(cron, timezone=timezone)], parameters={"config": to_dict(cfg)},
+        entrypoint_type=EntrypointType.MODULE_PATH,  # pipelines.scheduled.softmask_scheduled: any working directory
+        description=f"softmask workflow {cfg.name!r} on cron {cron!r} ({timezone}); run root {cfg.run_root}",
+        tags=["softmask"])
     return softmask_scheduled, deployment

@@ -35,7 +35,10 @@ log = logging.getLogger("softmask.preprocess")
 
 # suffix -> source kind for format "auto"
 SUFFIX_KINDS = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text", ".jsonl": "jsonl",
-                ".ndjson": "jsonl", ".parquet": "parquet"}
+                ".ndjson": "jsonl", ".parquet": "parquet",
+                # source code is plain text (code corpora for code models)
+                **{ext: "text" for ext in (".py", ".c", ".h", ".cc", ".cpp", ".js", ".ts", ".java", ".go", ".rs",
+                                           ".sh", ".rb")}}
 HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")  # a datasets save_to_disk folder
 # config fields that change how a run executes but never its output (left out of the config hash)
 EXECUTION_ONLY = ("output", "num_workers", "worker_cpus", "overwrite", "progress", "s3_endpoint_url", "s3_region",
@@ -53,8 +56,8 @@ class SourceConfig:
 
     path: str = field("", "file / glob / directory / s3:// URI or glob / corpus://name[/glob] / HF save_to_disk dir")
     format: Literal["auto", "text", "jsonl", "parquet", "hf_disk"] = field(
-        "auto", "auto = by suffix (.txt/.md/.rst text, .jsonl jsonl, .parquet parquet; a dir with dataset_info.json "
-                "is hf_disk)")
+        "auto", "auto = by suffix (.txt/.md/.rst and source code such as .py/.c text, .jsonl jsonl, .parquet "
+                "parquet; a dir with dataset_info.json is hf_disk)")
     hf_split: str = field("train", "split to read when an hf_disk path holds a DatasetDict")
 
     def __post_init__(self) -> None:
@@ -339,7 +342,10 @@ def _run_jobs(cfg: PreprocessConfig, settings: TokenizeSettings, jobs: list[dict
                desc="preprocess", file=sys.stderr, dynamic_ncols=True)
     job_bytes = {j["index"]: sum(p["end"] - p["start"] for p in j["pieces"] if p["kind"] in ("text", "jsonl"))
                  for j in jobs}
-    queue, inflight, results, peak, t0, tokens = list(jobs), {}, [], {}, time.monotonic(), 0
+    # largest first (LPT): the last task to finish is a small one, so workers idle less at the tail. Output does not
+    # depend on the order: shards are named by job index and the manifest is sorted.
+    queue = sorted(jobs, key=lambda j: (-job_bytes[j["index"]], j["index"]))
+    inflight, results, peak, t0, tokens = {}, [], {}, time.monotonic(), 0
     try:
         while queue or inflight:
             while queue and len(inflight) < n:

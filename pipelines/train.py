@@ -6,6 +6,7 @@ mid-run makes the trainer restart the worker group from the latest checkpoint, u
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -95,6 +96,22 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan):
     )
 
 
+def zero3_memory_estimate(cfg: TrainConfig, plan: RunPlan) -> dict:
+    """DeepSpeed's ZeRO-3 model-state estimate for this run (parameters counted on the meta device: no memory, no
+    weights read), the world taken as one node of ``scaling.num_workers`` ranks."""
+    import torch
+
+    from infra.deepspeed import estimate_zero3_memory
+    from models.registry import build_from_config, config_from_dict
+
+    with torch.device("meta"):
+        model = build_from_config(config_from_dict(plan.model_config, plan.backbone))
+    n_params = sum(p.numel() for p in model.parameters())
+    largest = max(p.numel() for p in model.parameters())
+    return estimate_zero3_memory(n_params, cfg.scaling.num_workers, 1, cfg.deepspeed.offload_optimizer,
+                                 largest_layer_params=largest)
+
+
 def run(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) the run described by ``cfg``; raises ConfigError before any worker starts on bad input."""
     import ray
@@ -103,6 +120,8 @@ def run(cfg: TrainConfig) -> TrainResult:
 
     t0 = time.perf_counter()
     plan = preflight(cfg)
+    if cfg.deepspeed.zero_stage == 3:
+        print(f"softmask train: {zero3_memory_estimate(cfg, plan)['summary']}", file=sys.stderr, flush=True)
     init_ray(accelerator="gpu" if cfg.scaling.use_gpu else "cpu")
     if not ray.is_initialized():  # pragma: no cover - init_ray either starts or joins Ray
         raise RuntimeError("Ray did not start")

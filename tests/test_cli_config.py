@@ -13,7 +13,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPES = {
     "demo_cpu.yaml": "run", "debug_cpu.yaml": "run", "finetune_deploy.yaml": "run",
     "preprocess_shakespeare.yaml": "preprocess", "train_debug.yaml": "train", "continue_sm.yaml": "train",
-    "finetune_sft.yaml": "train", "pretrain_owt_small.yaml": "run", "serve_debug.yaml": "serve",
+    "finetune_sft.yaml": "train", "finetune_dream7b_sm.yaml": "train", "pretrain_owt_small.yaml": "run",
+    "adapt_smollm2_cpu.yaml": "train",
+    "serve_debug.yaml": "serve",
     "experiment_micro.yaml": "experiment", "sm_vs_binary.yaml": "experiment",
 }
 

@@ -125,3 +125,22 @@ def test_validation_nll_single_and_two_pass():
     s2, n2 = validation_nll(model, x0, ObjectiveConfig(), seed=0, two_pass=True)
     assert n1 == n2 == 128 and abs(s1 - s2) / s1 < 1e-4  # ω_s ≈ 0 at init
     assert 0.5 * math.log(1024) < s1 / n1 < 3 * math.log(1024)
+
+
+def test_padded_vocab_is_never_predicted_or_sampled():
+    """vocab_pad_multiple pads the matrices (GPU matmul shapes) without adding tokens."""
+    from models import ModelConfig, build_model
+    from models.objective import ObjectiveConfig, training_loss
+    from models.sampling import SamplerConfig, sample
+
+    cfg = ModelConfig.from_flavor("debug", vocab_size=1000, vocab_pad_multiple=64, d_model=64, n_layers=2, n_heads=2)
+    assert cfg.padded_vocab_size == 1024 and cfg.mask_token_id == 999
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    x0 = torch.randint(0, 999, (4, 32))
+    logits = model(torch.full_like(x0, 999), torch.ones(4))
+    assert logits.shape == (4, 32, 1024) and (logits[..., 1000:] <= -1e5).all()
+    loss, _ = training_loss(model, x0, ObjectiveConfig(kind="sm", p_sm=1.0), seed=0, step=0, two_pass=True)
+    assert torch.isfinite(loss)
+    out = sample(model, SamplerConfig(steps=8, algorithm="ancestral", soft_mask=True), num_samples=3, length=16, seed=0)
+    assert int(out.tokens.max()) < 999

@@ -106,3 +106,39 @@ def test_gradients_reach_omega_only_through_pass_two():
     model(x_t, prev_logits=prev).logsumexp(-1).sum().backward()
     for n, p in model.backbone.named_parameters():
         torch.testing.assert_close(p.grad, grads_two_pass[n])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_entropy_topk_chunking_and_infinite_logits(k):
+    """Any chunking gives the same (−H, top-k); rows holding −inf logits get a finite entropy (the rare path)."""
+    from models.softmask import entropy_topk
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(70, 501, generator=g) * 3
+    z[5, :400] = float("-inf")  # mostly impossible tokens
+    ref_p = torch.softmax(z, -1)
+    ref_h = -(ref_p * torch.log(ref_p.clamp_min(1e-45))).sum(-1)
+    for chunk in (None, 7, 70):
+        neg_h, top_z, top_i = entropy_topk(z, k, chunk)
+        assert torch.isfinite(neg_h).all()
+        torch.testing.assert_close(-neg_h, ref_h, rtol=1e-4, atol=1e-5)
+        vals, idx = torch.topk(z, k, dim=-1)
+        torch.testing.assert_close(top_z, vals)
+        assert torch.equal(top_i, idx)
+
+
+def test_sparse_embed_half_precision_matches_fp32():
+    """bf16 weights take the gather path (embedding_bag has no bf16 per-sample-weight backward on CUDA)."""
+    from models.backbone import sparse_embed
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 16, generator=g)
+    ids = torch.randint(0, 50, (2, 5, 3), generator=g)
+    w = torch.rand(2, 5, 3, generator=g)
+    ref = sparse_embed(weight, ids, w)
+    wb = weight.to(torch.bfloat16).requires_grad_()
+    out = sparse_embed(wb, ids, w)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    expected = torch.zeros(50).index_add_(0, ids.reshape(-1), w.reshape(-1))  # d(sum)/dE[v] = Σ weights of v
+    torch.testing.assert_close(wb.grad.float().sum(-1) / 16, expected, rtol=2e-2, atol=2e-2)

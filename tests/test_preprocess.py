@@ -118,6 +118,38 @@ def test_byte_ranges_cut_at_document_boundaries(shk_slice, tmp_path):
         assert pieces == whole
 
 
+def _kill_first_task_worker_during(fn) -> list[int]:
+    """Run ``fn`` while a side thread SIGKILLs the first Ray worker seen executing ``tokenize_shard``."""
+    import threading
+
+    import psutil
+
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def hunt() -> None:
+        while not stop.is_set() and not killed:
+            for p in psutil.process_iter(["pid", "cmdline"]):
+                cmd = p.info["cmdline"] or []
+                if cmd and cmd[0].startswith("ray::tokenize_shard"):
+                    try:
+                        os.kill(p.info["pid"], signal.SIGKILL)
+                        killed.append(p.info["pid"])
+                    except ProcessLookupError:
+                        continue
+                    break
+            time.sleep(0.005)
+
+    t = threading.Thread(target=hunt, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        t.join(10)
+    return killed
+
+
 # ------------------------------------------------------------------------------------------------ pretrain
 @pytest.fixture(scope="module")
 def reference(ray_session, shk_slice, tmp_path_factory):
@@ -160,6 +192,10 @@ def test_deterministic_across_workers_and_kill_resume(ray_session, shk_slice, re
     # 2 workers: byte-identical shards, receipts and manifest
     run(_cfg([shk_slice], tmp_path / "two", num_workers=2))
     assert _tree(tmp_path / "two") == ref_tree
+    # kill -9 of a Ray worker process while it tokenises a shard: Ray retries the task, output unchanged
+    killed = _kill_first_task_worker_during(lambda: execute(_cfg([shk_slice], tmp_path / "wkill", num_workers=2)))
+    assert killed, "no tokenize_shard worker was seen running"
+    assert _tree(tmp_path / "wkill") == ref_tree
     # kill -9 of a driver midway (it joins this session's Ray), then resume here
     out = tmp_path / "killed"
     code = ("import sys; from pipelines.preprocess import PreprocessConfig, run; "

@@ -72,7 +72,6 @@ def dataset(tmp_path_factory) -> str:
     ({"global_batch": 12}, "global_batch"),                                  # 12 % (4 * 2) != 0
     ({"micro_batch": 0}, "micro_batch"),
     ({"deepspeed": {"zero_stage": 4}}, "zero_stage"),
-    ({"deepspeed": {"zero_stage": 3}, "finetune": {"lora_r": 8}}, "finetune.lora_r"),
     ({"deepspeed": {"zero_stage": 3}, "finetune": {"freeze_backbone": True}}, "finetune.freeze_backbone"),
     ({"deepspeed": {"offload_optimizer": True}}, "deepspeed.offload_optimizer"),  # CPU workers
     ({"mode": "continue"}, "init_checkpoint"),

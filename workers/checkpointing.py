@@ -73,8 +73,8 @@ def download_dir(uri: str, local: str | Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------- driver side
-def read_export_config(uri: str) -> tuple[dict, dict]:
-    """(model config dict, metadata) of an export directory (reads JSON only, never weights)."""
+def read_export(uri: str) -> dict:
+    """config.json of an export directory (reads JSON only, never weights): {"model", "metadata", ["backbone"]}."""
     from infra.config import ConfigError
 
     try:
@@ -83,7 +83,21 @@ def read_export_config(uri: str) -> tuple[dict, dict]:
         raise ConfigError(f"init_checkpoint: no config.json in {uri} (not a softmask export)") from None
     if "model" not in data:
         raise ConfigError(f"init_checkpoint: {uri}/config.json has no 'model' section")
+    return data
+
+
+def read_export_config(uri: str) -> tuple[dict, dict]:
+    """(model config dict, metadata) of an export directory."""
+    data = read_export(uri)
     return data["model"], data.get("metadata", {})
+
+
+def load_export(uri: str):
+    """The model of an export directory (local or s3://), any backbone."""
+    from models import load_pretrained
+
+    with tempfile.TemporaryDirectory(prefix="softmask-init-") as tmp:
+        return load_pretrained(download_dir(uri, tmp))
 
 
 def list_checkpoints(run_uri: str) -> list[tuple[int, str]]:
@@ -141,7 +155,7 @@ def restore(engine, ema, checkpoint, device: str = "cpu") -> dict:
     return state
 
 
-def init_from_export(model, uri: str, keep_sm_head: bool) -> dict:
+def init_from_export(model, uri: str, keep_sm_head: bool, gather=None) -> dict:
     """Load an export's weights into a freshly built model (before DeepSpeed wraps it); returns its metadata.
 
     ``keep_sm_head=False`` leaves the SM head (and self-conditioning projection) at their fresh init, which is how a
@@ -160,26 +174,32 @@ def init_from_export(model, uri: str, keep_sm_head: bool) -> dict:
     missing = [k for k in own if k not in sd and not is_sm_param(k) and not k.startswith("sc_proj.")]
     if missing:
         raise ValueError(f"init_checkpoint {uri} lacks backbone weights {missing[:5]}")
-    model.load_state_dict(sd, strict=False)
+    if gather is None:
+        model.load_state_dict(sd, strict=False)
+    else:  # ZeRO-3 partitioned model: gathered whole while loading (rank 0's copy is broadcast on exit)
+        with gather(list(model.parameters())):
+            model.load_state_dict(sd, strict=False)
     return dict(getattr(src, "checkpoint_metadata", {}) or {})
 
 
 def export(engine, ema, model_config: dict, out_uri: str, metadata: dict, rank: int, use_ema: bool = True,
-           prepare=None) -> str:
+           prepare=None, backbone: str = "core") -> str:
     """Consolidated export (collective: gathers ZeRO-3 partitions); rank 0 writes ``out_uri``.
 
     ``prepare(model)`` gives a freshly built model the training-time structure (adapters) before the trained state
     is loaded; adapters are then merged into the base weights (core checkpoint layout).
     """
     from infra.deepspeed import full_state_dict, match_shapes
-    from models import ModelConfig, build_model, save_pretrained
+    from models import save_pretrained
+    from models.registry import config_from_dict, get_spec
 
     from workers.train_adapters import core_state_dict
 
     full = full_state_dict(engine)  # every rank takes part in the gather
     if rank != 0:
         return out_uri
-    model = build_model(ModelConfig.from_dict(model_config))
+    spec = get_spec(backbone)
+    model = (spec.build_for_load or spec.build)(config_from_dict(model_config, backbone))  # weights loaded below
     if prepare is not None:
         model = prepare(model)
     model.load_state_dict(match_shapes(full, model.state_dict()))

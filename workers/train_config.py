@@ -21,10 +21,23 @@ MODES = ("pretrain", "continue", "finetune")
 class ModelSection:
     """Which network to train."""
 
-    flavor: str = field("debug", "model flavor (models.FLAVORS: debug, tiny, small)")
-    overrides: dict[str, Any] = field(None, "ModelConfig fields overriding the flavor (e.g. {dropout: 0.0}); "
-                                            "vocab_size and mask_token_id always come from the dataset tokenizer",
+    backbone: Literal["core", "hf"] = field("core", "core = our transformer (models.DiffusionLM, flavor + overrides); "
+                                                    "hf = a transformers decoder (Qwen2, Llama, ...) used as a "
+                                                    "diffusion LM (models.hf_backbone): its architecture comes from "
+                                                    "init_checkpoint (a `softmask hf-import` export) or hf_config")
+    flavor: str = field("debug", "model flavor (models.FLAVORS: debug, tiny, small); core backbone only")
+    overrides: dict[str, Any] = field(None, "config fields overriding the flavor (core: ModelConfig, e.g. {dropout: "
+                                            "0.0}; hf: HFDiffusionConfig, e.g. {max_seq_len: 512}); vocab_size and "
+                                            "mask_token_id always come from the dataset tokenizer", factory=dict)
+    hf_config: dict[str, Any] = field(None, "hf, mode pretrain: transformers config of a randomly initialised model "
+                                            "(model_type, hidden_size, ...; vocab_size >= the tokenizer's)",
                                       factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backbone == "core":
+            require(not self.hf_config, "hf_config", "only applies to backbone hf")
+        elif self.hf_config:
+            require("model_type" in self.hf_config, "hf_config", "needs model_type (e.g. qwen2, llama)")
 
 
 @dataclass
@@ -118,8 +131,8 @@ class FinetuneSection:
     lora_r: int = field(0, "LoRA rank on the attention/MLP linears via peft (0 = off)")
     lora_alpha: float = field(16.0, "LoRA scaling alpha")
     use_dora: bool = field(False, "DoRA (weight-decomposed LoRA) instead of plain LoRA")
-    lora_targets: list[str] = field(None, "module name suffixes that get adapters",
-                                    factory=lambda: ["qkv", "proj", "mlp.0", "mlp.2"])
+    lora_targets: list[str] | None = field(None, "module name suffixes that get adapters; None = the backbone's "
+                                                 "default (core: qkv, proj, mlp.0, mlp.2; hf: q/k/v/o_proj)")
 
     def __post_init__(self) -> None:
         require(self.lora_r >= 0, "lora_r", "must be >= 0")
@@ -174,11 +187,10 @@ class TrainConfig:
         if ft.freeze_backbone and ft.lora_r == 0:
             require(self.objective.kind == "sm", "finetune.freeze_backbone",
                     f"with objective {self.objective.kind} and no LoRA nothing would be trained")
-        if self.deepspeed.zero_stage == 3:
-            require(ft.lora_r == 0, "finetune.lora_r", "LoRA/DoRA adapters are not supported with deepspeed.zero_stage 3 "
-                                                       "(use stage 2)")
-            require(not ft.freeze_backbone, "finetune.freeze_backbone", "frozen parameters are not supported with "
-                                                                        "deepspeed.zero_stage 3 (use stage 2)")
+        if self.deepspeed.zero_stage == 3 and ft.lora_r == 0:
+            require(not ft.freeze_backbone, "finetune.freeze_backbone", "a frozen backbone without adapters is not "
+                                                                        "supported with deepspeed.zero_stage 3 (use "
+                                                                        "stage 2, or LoRA/DoRA)")
         if self.deepspeed.offload_optimizer:
             require(self.scaling.use_gpu, "deepspeed.offload_optimizer", "offloads to CPU memory: only meaningful "
                                                                          "with scaling.use_gpu")
@@ -218,13 +230,45 @@ class RunPlan:
     val_uris: list[str]
     init_objective: str         # objective the init checkpoint was trained with ("" = none / unknown)
     resume_step: int            # step of the checkpoint a same-name run resumes from (0 = fresh)
+    backbone: str = "core"      # models.registry name of model_config's type
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def _model_config(cfg: TrainConfig, tokenizer: dict):
+def _hf_model_config(cfg: TrainConfig, tokenizer: dict, init: dict | None):
+    """HFDiffusionConfig for backbone hf: the init checkpoint's architecture, or ``model.hf_config`` (pretrain)."""
+    from models.hf_backbone import HFDiffusionConfig
+
+    vocab, mask_id = int(tokenizer["vocab_size"]), int(tokenizer["mask_id"])
+    over = dict(cfg.model.overrides)
+    for key in ("hf_config", "mask_token_id", "adapters", "base_checkpoint"):
+        require(key not in over, f"model.overrides.{key}", "cannot be overridden")
+    if init is not None:
+        require(init.get("backbone") == "hf", "init_checkpoint", "model.backbone hf needs an HF-backed export "
+                                                                 "(`softmask hf-import` or an hf training run)")
+        base = dict(init["model"], adapters=None, base_checkpoint=None)
+        require(base["mask_token_id"] == mask_id, "data.manifest",
+                f"tokenizer mask id {mask_id} differs from the checkpoint's {base['mask_token_id']}: preprocess with "
+                f"the checkpoint's tokenizer")
+    else:
+        require(bool(cfg.model.hf_config), "model.hf_config", "backbone hf in mode pretrain needs hf_config")
+        base = {"hf_config": cfg.model.hf_config, "mask_token_id": mask_id, "source": "config"}
+    try:
+        mcfg = HFDiffusionConfig.from_dict({**base, **over, "softmask_k": cfg.objective.k})
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model: {e}") from None
+    require(mcfg.vocab_size >= vocab, "model", f"the HF model has {mcfg.vocab_size} embedding rows, fewer than the "
+                                               f"tokenizer's {vocab} ids")
+    require(cfg.objective.kind != "self_cond", "objective.kind", "self_cond is not available for backbone hf")
+    return mcfg
+
+
+def _model_config(cfg: TrainConfig, tokenizer: dict, init: dict | None = None):
     from models import ModelConfig
+
+    if cfg.model.backbone == "hf":
+        return _hf_model_config(cfg, tokenizer, init)
 
     overrides = dict(cfg.model.overrides)
     for key in ("vocab_size", "mask_token_id"):
@@ -239,7 +283,8 @@ def _model_config(cfg: TrainConfig, tokenizer: dict):
 
 def _comparable(model_cfg: dict) -> dict:
     """Fields that must agree between a checkpoint and the model we build (flavor name / k / dropout may differ)."""
-    ignore = {"flavor", "dropout", "softmask_k", "self_conditioning", "init_std"}
+    ignore = {"flavor", "dropout", "softmask_k", "self_conditioning", "init_std",
+              "adapters", "base_checkpoint", "source", "dtype", "attn_implementation", "max_seq_len"}
     return {k: v for k, v in model_cfg.items() if k not in ignore}
 
 
@@ -269,16 +314,18 @@ def preflight(cfg: TrainConfig) -> RunPlan:
         require(data_mode == "sft", "data.manifest", f"mode finetune needs an sft dataset (loss_mask), got {data_mode}")
     train_uris, val_uris = list(manifest.shard_uris("train")), list(manifest.shard_uris("validation"))
     require(bool(train_uris), "data.manifest", "has no train shards")
-    mcfg = _model_config(cfg, manifest.tokenizer)
+    init = checkpointing.read_export(cfg.init_checkpoint) if cfg.init_checkpoint else None
+    mcfg = _model_config(cfg, manifest.tokenizer, init)
     seq_len = int(manifest.seq_len)
     require(seq_len <= mcfg.max_seq_len, "data.manifest",
             f"seq_len {seq_len} exceeds the max_seq_len {mcfg.max_seq_len} of model flavor {cfg.model.flavor!r} "
             f"(set model.overrides.max_seq_len or re-pack the data)")
     init_objective = ""
-    if cfg.init_checkpoint:
-        found, meta = checkpointing.read_export_config(cfg.init_checkpoint)
-        check_model_match(mcfg.to_dict(), found, f"init_checkpoint {cfg.init_checkpoint}", "init_checkpoint")
-        init_objective = str(meta.get("objective", ""))
+    if init is not None:
+        require(init.get("backbone", "core") == cfg.model.backbone, "init_checkpoint",
+                f"is a {init.get('backbone', 'core')!r} export but model.backbone is {cfg.model.backbone!r}")
+        check_model_match(mcfg.to_dict(), init["model"], f"init_checkpoint {cfg.init_checkpoint}", "init_checkpoint")
+        init_objective = str(init.get("metadata", {}).get("objective", ""))
     resume_step = 0
     state = checkpointing.latest_train_state(cfg.storage_run_uri)
     if state is not None:
@@ -293,7 +340,8 @@ def preflight(cfg: TrainConfig) -> RunPlan:
             require(now == before, name, f"is {now!r} but the checkpoint of run {cfg.run_name!r} (step {resume_step}) "
                                          f"was written with {before!r}; use a new run_name")
     return RunPlan(model_config=mcfg.to_dict(), seq_len=seq_len, data_mode=data_mode, train_uris=train_uris,
-                   val_uris=val_uris, init_objective=init_objective, resume_step=resume_step)
+                   val_uris=val_uris, init_objective=init_objective, resume_step=resume_step,
+                   backbone=cfg.model.backbone)
 
 
 def dumps(cfg: TrainConfig) -> str:

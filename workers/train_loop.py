@@ -32,29 +32,65 @@ def _objective(cfg: TrainConfig):
     return ObjectiveConfig(kind=o.kind, p_sm=o.p_sm, schedule=o.schedule, t_min=o.t_min, t_max=o.t_max)
 
 
-def _build_model(cfg: TrainConfig, plan: RunPlan):
-    """The DiffusionLM of the plan, initialised from ``init_checkpoint`` when set; frozen backbone if asked."""
+def _build_model(cfg: TrainConfig, plan: RunPlan, ds_cfg: dict):
+    """The DiffusionLM of the plan, initialised from ``init_checkpoint`` when set; frozen backbone if asked.
+
+    Under ZeRO-3 it is built partitioned (``zero.Init``: no rank holds the whole model) and its weights are then
+    initialised / loaded module by module through gathered parameters.
+    """
     from models import ModelConfig, build_model
 
+    from infra.deepspeed import gather_for_init, partitioned_init
     from workers import checkpointing
 
     import torch
 
     torch.manual_seed(cfg.seed)  # identical init on every rank and in every run (rank 0's is broadcast anyway)
-    model = build_model(ModelConfig.from_dict(plan.model_config))
+    if plan.backbone != "core":
+        return _with_adapters(_build_registered_model(cfg, plan), cfg, plan.backbone)
+    # Partitioned construction under ZeRO-3, except with adapters: peft (DoRA's magnitude) reads whole base weights
+    # when it injects them; such a model is built whole and partitioned by deepspeed.initialize instead.
+    zero3 = cfg.deepspeed.zero_stage == 3 and cfg.finetune.lora_r == 0
+    model = build_model(ModelConfig.from_dict(plan.model_config),
+                        partition=(lambda: partitioned_init(ds_cfg)) if zero3 else None)
+    if zero3:
+        model.init_parameters(gather=gather_for_init)
     if cfg.init_checkpoint:
         # A binary (or unknown) source keeps the fresh SM head (ω_s ≈ 0): the model starts as the binary one.
-        checkpointing.init_from_export(model, cfg.init_checkpoint, keep_sm_head=plan.init_objective == "sm")
-    return _with_adapters(model, cfg)
+        checkpointing.init_from_export(model, cfg.init_checkpoint, keep_sm_head=plan.init_objective == "sm",
+                                       gather=gather_for_init if zero3 else None)
+    return _with_adapters(model, cfg, plan.backbone)
 
 
-def _with_adapters(model, cfg: TrainConfig):
+def _build_registered_model(cfg: TrainConfig, plan: RunPlan):
+    """A non-core backbone (models.registry, e.g. hf): the init checkpoint's weights, or a fresh init.
+
+    Built whole on every rank; ZeRO-3 partitions it in ``deepspeed.initialize``. A source trained without SM (an
+    AR import, a binary run) gets a fresh SM head (ω_s ≈ 0), as for the core backbone.
+    """
+    from models.registry import build_from_config, config_from_dict
+    from models.softmask import SoftMaskHead
+
+    from workers import checkpointing
+
+    mcfg = config_from_dict(plan.model_config, plan.backbone)
+    if not cfg.init_checkpoint:
+        return build_from_config(mcfg)
+    model = checkpointing.load_export(cfg.init_checkpoint)
+    model.config = mcfg
+    if plan.init_objective != "sm" or model.sm_head.k != mcfg.softmask_k:
+        model.sm_head = SoftMaskHead(k=mcfg.softmask_k)
+    return model
+
+
+def _with_adapters(model, cfg: TrainConfig, backbone: str = "core"):
     """Frozen backbone and/or LoRA/DoRA adapters (fine-tuning options; a no-op by default)."""
-    from workers.train_adapters import apply_adapters
+    from workers.train_adapters import DEFAULT_TARGETS, apply_adapters
 
     ft = cfg.finetune
     if ft.freeze_backbone or ft.lora_r > 0:
-        apply_adapters(model, ft.freeze_backbone, ft.lora_r, ft.lora_alpha, ft.use_dora, ft.lora_targets)
+        apply_adapters(model, ft.freeze_backbone, ft.lora_r, ft.lora_alpha, ft.use_dora,
+                       ft.lora_targets or DEFAULT_TARGETS[backbone])
     return model
 
 
@@ -144,10 +180,10 @@ def train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     obj = _objective(cfg)
 
-    model = _build_model(cfg, plan)
-    groups = param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.objective.sm_lr)
     ds_cfg = build_ds_config(cfg.deepspeed, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, world_size=world,
                              on_gpu=cfg.scaling.use_gpu)
+    model = _build_model(cfg, plan, ds_cfg)
+    groups = param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.objective.sm_lr)
     t_engine = time.perf_counter()
     engine = build_engine(model, groups, ds_cfg, cfg.deepspeed, schedule=cfg.optim.schedule,
                           warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.steps,
@@ -155,6 +191,10 @@ def train_loop(config: dict) -> None:
     t_engine = time.perf_counter() - t_engine
     # The soft-mask input is embedded from backbone.embed.weight outside embed.forward: ZeRO-3 must gather it there.
     register_external_parameter(engine, engine.module.backbone, engine.module.backbone.embed.weight)
+    # DoRA layers read their base layer's weight (for the magnitude norm) outside base_layer.forward: same for them.
+    for module in engine.module.modules():
+        if hasattr(module, "base_layer") and hasattr(module, "lora_magnitude_vector"):
+            register_external_parameter(engine, module, module.base_layer.weight)
     ema, ema_names = None, None
     if cfg.ema_decay > 0:
         ema = EMA(NamedTensors(full_fp32_params(engine)), cfg.ema_decay)
@@ -249,7 +289,8 @@ def train_loop(config: dict) -> None:
         metadata["adapters"] = {"kind": "dora" if cfg.finetune.use_dora else "lora", "r": cfg.finetune.lora_r,
                                 "alpha": cfg.finetune.lora_alpha, "merged": True}
     checkpointing.export(engine, ema, plan.model_config, f"{output.rstrip('/')}/export", metadata, rank,
-                         use_ema=cfg.checkpoint.export_ema, prepare=lambda m: _with_adapters(m, cfg))
+                         use_ema=cfg.checkpoint.export_ema, prepare=lambda m: _with_adapters(m, cfg, plan.backbone),
+                         backbone=plan.backbone)
     sink.plot()
     sink.sync()
     sink.close()
