@@ -77,12 +77,13 @@ def test_zero3_sm_survives_worker_kill_and_replays_exactly(ray_session, datasets
     from pipelines.train import run
 
     cfg = make_cfg(datasets["pretrain"], str(tmp_path / "runs"), "z3-fault", steps=8, eval_every=4,
-                   deepspeed={"zero_stage": 3}, checkpoint={"max_failures": 2})
+                   deepspeed={"zero_stage": 3}, checkpoint={"max_failures": 2, "every": 4})
     metrics_file = Path(cfg.resolved_output_dir) / "metrics.jsonl"
     killed: dict = {}
 
-    # Ray Train's controller registers a reported checkpoint when it next polls the workers (every ~2 s); a kill
-    # before that loses it. Kill rank 1 in the step right after a *registered* checkpoint (Ray's own snapshot file).
+    # Ray Train's controller registers a reported checkpoint when it next polls the workers (every ~2 s, which can
+    # be several fast steps later); a kill before that loses it. Kill rank 1 once a checkpoint is *registered* (Ray's
+    # own snapshot file) and training has moved past it: at most one interval (4 steps) can then be redone.
     snapshot = Path(cfg.storage_run_uri) / "checkpoint_manager_snapshot.json"
 
     def kill_rank1_after_a_registered_checkpoint():
@@ -95,7 +96,7 @@ def test_zero3_sm_survives_worker_kill_and_replays_exactly(ray_session, datasets
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             done = max(r["step"] for r in recs if r["kind"] == "train")
-            if done == registered + 1 and done < cfg.steps:
+            if registered < done < cfg.steps:
                 killed.update(pid=[r for r in recs if r["kind"] == "setup"][-1]["pids"][1], after_step=done)
                 os.kill(killed["pid"], signal.SIGKILL)
 
@@ -108,7 +109,7 @@ def test_zero3_sm_survives_worker_kill_and_replays_exactly(ray_session, datasets
     assert [s["attempt"] for s in setups] == [0, 1] and killed["pid"] not in setups[1]["pids"]
     restored_at = setups[1]["step"]  # the checkpoint the second attempt started from
     before, after = train_losses(recs, attempt=0), train_losses(recs, attempt=1)
-    assert restored_at % cfg.checkpoint.every == 0 and restored_at >= killed["after_step"] - 1
+    assert restored_at % cfg.checkpoint.every == 0 and killed["after_step"] - cfg.checkpoint.every < restored_at
     redone = sorted(set(before) & set(after))
     assert min(after) == restored_at + 1 and max(after) == 8
     assert len(redone) <= cfg.checkpoint.every  # at most one checkpoint interval redone
@@ -127,7 +128,7 @@ def test_zero3_sm_survives_worker_kill_and_replays_exactly(ray_session, datasets
     assert Path(result.plot_uri).stat().st_size > 1000
     assert list((Path(result.output_uri) / "tensorboard").glob("events.out.tfevents.*"))
     ckpts = sorted(p.name for p in Path(result.run_uri).glob("checkpoint_0*") if p.is_dir())
-    assert ckpts == ["checkpoint_00000006", "checkpoint_00000008"]  # keep_last = 2
+    assert ckpts == ["checkpoint_00000004", "checkpoint_00000008"]  # keep_last = 2
     assert len(list((Path(result.run_uri) / ckpts[-1] / "ds").glob("zero_pp_rank_*_model_states.pt"))) == 2
 
 
