@@ -188,6 +188,8 @@ def train_inprocess(tcfg, manifest_uri: str) -> str:
     o = tcfg.objective
     obj = ObjectiveConfig(kind=o.kind, p_sm=o.p_sm, schedule=o.schedule)
     opt = torch.optim.AdamW(param_groups(model, tcfg.optim.lr, tcfg.optim.weight_decay, o.sm_lr))
+    warmup = max(0, int(tcfg.optim.warmup_steps))  # linear warm-up, then constant (as the stage's default)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     rng = np.random.default_rng(tcfg.seed)
     order = rng.permutation(len(rows))
     model.train()
@@ -199,6 +201,7 @@ def train_inprocess(tcfg, manifest_uri: str) -> str:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sched.step()
         if (step + 1) % max(1, tcfg.steps // 5) == 0:
             log.info("%s: step %d/%d loss %.4f", tcfg.run_name, step + 1, tcfg.steps, float(loss))
     save_pretrained(model.cpu().eval(), export, metadata={"objective": o.kind, "step": tcfg.steps, "run_name":
