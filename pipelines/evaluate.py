@@ -294,7 +294,7 @@ def run(cfg: EvalConfig) -> EvalReport:
     if int(manifest.tokenizer["vocab_size"]) != model.config.vocab_size:
         raise ConfigError(f"manifest: tokenizer vocab {manifest.tokenizer['vocab_size']} != checkpoint vocab "
                           f"{model.config.vocab_size}")
-    tok = load_tokenizer(manifest.tokenizer["spec"])
+    tok = load_tokenizer(manifest.tokenizer_source())
     seq_len = int(manifest.seq_len)
     length = cfg.sample_length or seq_len
     val = np.asarray(read_split_table(manifest, "validation").column("input_ids").to_pylist(), dtype=np.int64)

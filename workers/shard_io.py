@@ -201,6 +201,16 @@ class DatasetManifest:
                        for s, shards in (self.splits or {}).items()}
         self.validate()
 
+    def tokenizer_source(self) -> str:
+        """Where to load the tokenizer from: the copy saved inside a local dataset (it travels with the dataset to
+        another machine or path), else the spec it was built from."""
+        local = self.tokenizer.get("dir")
+        if local and self.root and "://" not in self.root:
+            path = os.path.join(self.root, local)
+            if os.path.isfile(os.path.join(path, "tokenizer.json")):
+                return path
+        return str(self.tokenizer["spec"])
+
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
         if self.mode not in MODES:
