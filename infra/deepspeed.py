@@ -224,13 +224,31 @@ def full_state_dict(engine) -> dict:
                 for k, v in engine.module.state_dict().items()}
 
 
-def global_grad_norm(engine) -> float:
-    """The pre-clipping global gradient norm of the last optimizer step (nan when DeepSpeed did not compute it)."""
+def global_grad_norm(engine, fallback: float | None = None) -> float:
+    """The pre-clipping global gradient norm of the last optimizer step; ``fallback`` (see
+    :func:`grad_norm_before_step`) where DeepSpeed did not record one (ZeRO stage 0), else nan."""
     value = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
     try:
-        return float(value)
+        value = float(value)
     except (TypeError, ValueError):
-        return float("nan")
+        value = float("nan")
+    if value != value and fallback is not None:
+        return float(fallback)
+    return value
+
+
+def grad_norm_before_step(engine) -> float | None:
+    """Global L2 norm of the (already averaged) gradients, read between ``engine.backward`` and ``engine.step`` on an
+    accumulation boundary. Only for ZeRO stage 0, whose engine keeps whole gradients on the parameters and does not
+    record the norm itself; None otherwise."""
+    import torch
+
+    if engine.zero_optimization_stage() != 0 or not engine.is_gradient_accumulation_boundary():
+        return None
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
 def partitioned_init(ds_config: dict):

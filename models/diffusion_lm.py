@@ -1,9 +1,12 @@
 """DiffusionLM = backbone g_θ + SM head (+ optional self-conditioning projection), SUBS output.
 
-forward(x_t, t, two_pass=False, prev_logits=None) -> logits (B, L, V) with the [MASK] logit suppressed.
+forward(x_t, t, two_pass=False, prev_logits=None, masked_only=False) -> logits (B, L, V) with the [MASK] logit
+suppressed.
 - prev_logits given (sampling): the previous step's prediction is fed back (SM or self-conditioning); no extra pass.
 - two_pass=True (training): pass 1 under no_grad on the same x_t with pure masks gives the feedback, pass 2 runs with
   gradients to the backbone and the SM scalars (ω reach the loss only through λ in pass 2).
+- masked_only=True: logits (M, V) of the still-masked rows of x_t only (row-major, = logits[x_t == mask]); the output
+  layer and everything after it then run on ~half the positions (the loss reads nothing else).
 Unmasked positions carry their token over (SUBS); consumers (loss, samplers) only read masked rows.
 """
 from __future__ import annotations
@@ -52,8 +55,12 @@ class DiffusionLM(nn.Module):
             with gather([self.sc_proj.weight]):
                 nn.init.zeros_(self.sc_proj.weight)
 
-    def _predict(self, inputs, t, extra=None) -> torch.Tensor:
-        logits = self.backbone(inputs, t, extra)  # (B, L, V)
+    def _predict(self, inputs, t, extra=None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L, V), or (M, V) for the positions selected by the boolean ``rows`` (B, L)."""
+        if rows is None:
+            logits = self.backbone(inputs, t, extra)  # (B, L, V)
+        else:
+            logits = self.backbone.lm_head(self.backbone.hidden(inputs, t, extra)[rows])  # (M, V)
         logits[..., self.mask_id] = NEG_INF  # SUBS: never predict [MASK]
         if logits.shape[-1] > self.config.vocab_size:
             logits[..., self.config.vocab_size:] = NEG_INF  # padding rows (vocab_pad_multiple) are not tokens
@@ -86,20 +93,21 @@ class DiffusionLM(nn.Module):
         return masked, z
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | None = None, *, two_pass: bool = False,
-                prev_logits: torch.Tensor | None = None) -> torch.Tensor:
+                prev_logits: torch.Tensor | None = None, masked_only: bool = False) -> torch.Tensor:
+        rows = (x_t == self.mask_id) if masked_only else None  # (B, L)
         if prev_logits is None and two_pass and self.sc_proj is None:
             masked, z = self._pass_one_sm_input(x_t, t)  # pass 1: same x_t, pure masks, current θ, no grad
             ids, w = self.sm_head.mix(x_t, masked, z)  # grads reach ω through w only
             del z
             self.last_stats = {"lambda_mean": self.sm_head.last_lambda}
-            return self._predict((ids, w), t)  # pass 2
+            return self._predict((ids, w), t, rows=rows)  # pass 2
         if prev_logits is None and two_pass:
             with torch.no_grad():
                 prev_logits = self._predict(x_t, t)  # self-conditioning: estimate needed at every position
         if prev_logits is None:
-            return self._predict(x_t, t)
+            return self._predict(x_t, t, rows=rows)
         inputs, extra = self.feedback_input(x_t, prev_logits)
-        return self._predict(inputs, t, extra)
+        return self._predict(inputs, t, extra, rows=rows)
 
     def num_params(self, include_embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

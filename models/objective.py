@@ -65,6 +65,14 @@ def elbo_terms(logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: tor
     return out
 
 
+def masked_elbo_terms(z: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
+                      schedule) -> torch.Tensor:
+    """w(t)·(−log p_θ(x0)) (M,) for the masked rows only, given their logits z (M, V) (``masked_only`` forward)."""
+    nll = F.cross_entropy(z.float(), x0[masked], reduction="none")  # (M,)
+    weight = schedule.weight(t.to(z.device)).unsqueeze(-1).expand_as(masked)[masked]  # (M,)
+    return weight * nll
+
+
 def _noised(x0, obj, seed, step, rank, world, loss_mask, mask_id):
     shared, local = generators(seed, step, rank)
     schedule = build_schedule(obj.schedule, obj.eps)
@@ -87,11 +95,12 @@ def training_loss(model, x0: torch.Tensor, obj: ObjectiveConfig, *, seed: int, s
     if two_pass is None:
         two_pass = uses_two_pass(obj, seed, step)
     t, x_t, schedule = _noised(x0, obj, seed, step, rank, world, loss_mask, mask_id)
-    logits = model(x_t, t, two_pass=two_pass)
-    terms = elbo_terms(logits, x0, x_t, t, schedule, mask_id)
+    masked = x_t == mask_id  # (B, L)
+    z = model(x_t, t, two_pass=two_pass, masked_only=True)  # (M, V): the output layer runs on masked rows only
+    terms = masked_elbo_terms(z, x0, masked, t, schedule)
     denom = loss_mask.sum().clamp_min(1) if loss_mask is not None else torch.tensor(x0.numel())
     loss = terms.sum() / denom.to(terms.device)
-    metrics = {"loss": loss.detach().item(), "masked_frac": (x_t == mask_id).float().mean().item(),
+    metrics = {"loss": loss.detach().item(), "masked_frac": masked.float().mean().item(),
                "two_pass": float(two_pass), "t_mean": t.mean().item()}
     if two_pass and "lambda_mean" in inner.last_stats:
         metrics["lambda_mean"] = float(inner.last_stats["lambda_mean"])
@@ -104,7 +113,7 @@ def validation_nll(model, x0: torch.Tensor, obj: ObjectiveConfig, *, seed: int =
     """(Σ weighted NLL, #scored tokens) for one batch; exp(Σ/n) over a split is the perplexity bound."""
     inner = getattr(model, "module", model)
     t, x_t, schedule = _noised(x0, obj, seed, step, 0, 1, loss_mask, inner.mask_id)
-    logits = model(x_t, t, two_pass=two_pass)
-    terms = elbo_terms(logits, x0, x_t, t, schedule, inner.mask_id)
+    masked = x_t == inner.mask_id
+    terms = masked_elbo_terms(model(x_t, t, two_pass=two_pass, masked_only=True), x0, masked, t, schedule)
     n = int(loss_mask.sum()) if loss_mask is not None else x0.numel()
     return float(terms.sum()), n

@@ -204,7 +204,8 @@ def markdown(summary: dict, groups: dict, steps_list: list[int], plots: list[str
                     L.append(line)
         L.append("")
     L += sm_head_diagnostic(summary)
-    L += ["Caveats: tiny models trained for few steps on a 2-core CPU; the evaluator is SmolLM2-135M, not GPT-2 "
+    where = hw.get("gpu") or f"{hw.get('cpus')}-core CPU"
+    L += [f"Caveats: small models trained for few steps (on one {where}); the evaluator is SmolLM2-135M, not GPT-2 "
           "Large, so numbers are not comparable with the paper's; MAUVE with few samples is noisy (fixed buckets and "
           "seed above). A 'better' that is 'within seed spread' is not evidence either way.", ""]
     return "\n".join(L)

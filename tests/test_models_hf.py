@@ -398,3 +398,13 @@ def test_tiny_qwen2_trains_with_the_sm_objective_and_samples_with_every_algorith
                      prompt_ids=prompt, seed=0)
         assert out.tokens.shape == (2, 16) and not (out.tokens == model.mask_id).any(), alg
         assert out.tokens[:, :3].tolist() == prompt and 1 <= out.nfe <= 7, alg
+
+
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_masked_only_forward_gives_the_masked_rows_of_the_full_logits(two_pass):
+    model = soft_on(tiny(shift_logits=True))
+    x = masked_batch()
+    with torch.no_grad():
+        full = model(x, two_pass=two_pass)  # (B, L, V)
+        rows = model(x, two_pass=two_pass, masked_only=True)  # (M, V)
+    torch.testing.assert_close(rows, full[x == model.mask_id], atol=1e-5, rtol=1e-5)

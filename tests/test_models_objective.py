@@ -144,3 +144,29 @@ def test_padded_vocab_is_never_predicted_or_sampled():
     assert torch.isfinite(loss)
     out = sample(model, SamplerConfig(steps=8, algorithm="ancestral", soft_mask=True), num_samples=3, length=16, seed=0)
     assert int(out.tokens.max()) < 999
+
+
+@pytest.mark.parametrize("self_conditioning", [False, True])
+def test_masked_only_forward_matches_full_logits_and_the_loss_is_unchanged(self_conditioning):
+    from models.objective import masked_elbo_terms
+
+    torch.manual_seed(0)
+    cfg = models.ModelConfig.from_flavor("debug", self_conditioning=self_conditioning)
+    model = models.build_model(cfg).eval()
+    with torch.no_grad():
+        model.sm_head.raw_scale.fill_(1.5)  # λ well away from 0 so the SM input differs from pure masks
+        model.sm_head.raw_centre.fill_(20.0)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randint(0, cfg.vocab_size - 1, (3, 32), generator=g)
+    t = torch.tensor([0.3, 0.6, 0.9])
+    x_t = mask_tokens(x0, t, LogLinear(), model.mask_id, g)
+    masked = x_t == model.mask_id
+    for two_pass in (False, True):
+        with torch.no_grad():
+            full = model(x_t, t, two_pass=two_pass)
+            rows = model(x_t, t, two_pass=two_pass, masked_only=True)
+        assert rows.shape == (int(masked.sum()), full.shape[-1])
+        torch.testing.assert_close(rows, full[masked], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(masked_elbo_terms(rows, x0, masked, t, LogLinear()),
+                                   elbo_terms(full, x0, x_t, t, LogLinear(), model.mask_id)[masked],
+                                   atol=1e-5, rtol=1e-5)

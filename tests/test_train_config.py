@@ -225,3 +225,25 @@ def test_activation_checkpointing_and_scalar_promotion_keep_the_math():
     fresh = _debug_model()
     restored = match_shapes(model.state_dict(), fresh.state_dict())
     fresh.load_state_dict(restored)  # (1,)-shaped scalars go back into the core's 0-dim parameters
+
+
+def test_resume_point_is_the_checkpoint_ray_registered(tmp_path):
+    """A checkpoint folder written but not yet registered by Ray Train (other ranks still uploading, or the run
+    stopped in between) is not the resume point: preflight must name the step Ray restores."""
+    import json
+
+    from workers.checkpointing import RAY_SNAPSHOT, latest_train_state, registered_checkpoint
+
+    run = tmp_path / "run"
+    for step in (4, 8):
+        d = run / f"checkpoint_{step:08d}"
+        d.mkdir(parents=True)
+        (d / "train_state.json").write_text(json.dumps({"step": step}))
+    assert registered_checkpoint(str(run)) is None and latest_train_state(str(run))["step"] == 8  # no Ray record
+    snap = {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_00000004", "metrics": {"step": 4}}}
+    (run / RAY_SNAPSHOT).write_text(json.dumps(snap))
+    assert latest_train_state(str(run))["step"] == 4  # step 8's folder exists but Ray never registered it
+    (run / RAY_SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": None}))
+    assert latest_train_state(str(run)) is None  # Ray registered none: a fresh start
+    (run / RAY_SNAPSHOT).write_text("{not json")
+    assert latest_train_state(str(run))["step"] == 8  # unreadable record: fall back to the folders

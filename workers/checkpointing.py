@@ -86,12 +86,6 @@ def read_export(uri: str) -> dict:
     return data
 
 
-def read_export_config(uri: str) -> tuple[dict, dict]:
-    """(model config dict, metadata) of an export directory."""
-    data = read_export(uri)
-    return data["model"], data.get("metadata", {})
-
-
 def load_export(uri: str):
     """The model of an export directory (local or s3://), any backbone."""
     from models import load_pretrained
@@ -118,9 +112,30 @@ def list_checkpoints(run_uri: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's own record of the checkpoints it registered
+
+
+def registered_checkpoint(run_uri: str) -> str | None:
+    """Directory name of the checkpoint Ray Train will restore for this run ("" when Ray registered none yet), or
+    None when Ray's record is absent or unreadable. A folder can exist, even with its train_state.json, before Ray
+    registers it (other ranks still uploading, or the run stopped in between); Ray then restores the previous one."""
+    try:
+        snap = read_json(f"{run_uri.rstrip('/')}/{RAY_SNAPSHOT}")
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    if not isinstance(snap, dict) or "latest_checkpoint_result" not in snap:
+        return None
+    latest = snap["latest_checkpoint_result"] or {}
+    return str(latest.get("checkpoint_dir_name") or "")
+
+
 def latest_train_state(run_uri: str) -> dict | None:
-    """train_state.json of the newest checkpoint of a run, or None for a fresh run."""
+    """train_state.json of the checkpoint a same-name run resumes from (the one Ray Train restores), or None for a
+    fresh run. Without Ray's record: the newest complete checkpoint folder."""
     ckpts = list_checkpoints(run_uri)
+    name = registered_checkpoint(run_uri)
+    if name is not None:
+        ckpts = [(s, u) for s, u in ckpts if u.rstrip("/").rsplit("/", 1)[-1] == name]
     return read_json(f"{ckpts[-1][1].rstrip('/')}/{STATE_FILE}") if ckpts else None
 
 
@@ -161,11 +176,9 @@ def init_from_export(model, uri: str, keep_sm_head: bool, gather=None) -> dict:
     ``keep_sm_head=False`` leaves the SM head (and self-conditioning projection) at their fresh init, which is how a
     binary checkpoint starts an SM model (ω_s ≈ 0, so the model starts out as the binary one).
     """
-    from models import load_pretrained
     from models.optim import is_sm_param
 
-    with tempfile.TemporaryDirectory(prefix="softmask-init-") as tmp:
-        src = load_pretrained(download_dir(uri, tmp))
+    src = load_export(uri)
     sd = src.state_dict()
     if not keep_sm_head:
         sd = {k: v for k, v in sd.items() if not is_sm_param(k)}

@@ -170,7 +170,7 @@ def train_loop(config: dict) -> None:
     from models.optim import param_groups
 
     from infra.deepspeed import (NamedTensors, build_ds_config, build_engine, full_fp32_params, global_grad_norm,
-                                 register_external_parameter)
+                                 grad_norm_before_step, register_external_parameter)
     from workers import checkpointing
     from workers.train_data import LocalShardReader, RayDataBatches, _seed, validation_batches
     from workers.train_metrics import MetricsSink
@@ -247,6 +247,7 @@ def train_loop(config: dict) -> None:
             loss, m = training_loss(engine, x0, obj, seed=cfg.seed, step=gstep, rank=rank, world=world,
                                     loss_mask=lm, two_pass=two_pass)
             engine.backward(loss)
+            pre_norm = grad_norm_before_step(engine) if micro == accum - 1 else None
             engine.step()
             for k in ("loss", "lambda_mean", "two_pass", "masked_frac"):
                 if k in m:  # lambda_mean only on two-pass micro-steps (the same on every rank)
@@ -260,7 +261,7 @@ def train_loop(config: dict) -> None:
         means = _allreduce_mean(torch, dict(acc), world, engine.device)
         dt = time.perf_counter() - t0
         lrs = engine.get_lr()
-        rec = dict(means, lr=lrs[0], grad_norm=global_grad_norm(engine), step_time_s=dt,
+        rec = dict(means, lr=lrs[0], grad_norm=global_grad_norm(engine, pre_norm), step_time_s=dt,
                    tokens_per_s=tokens_per_step / dt, tokens_per_s_per_worker=tokens_per_step / dt / world)
         if probe is not None:  # counts, not means
             rec["sft_prompt_masked"] *= world
