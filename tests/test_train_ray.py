@@ -76,14 +76,16 @@ def datasets(tmp_path_factory):
 def test_zero3_sm_survives_worker_kill_and_replays_exactly(ray_session, datasets, tmp_path):
     from pipelines.train import run
 
-    cfg = make_cfg(datasets["pretrain"], str(tmp_path / "runs"), "z3-fault", steps=8, eval_every=4,
+    cfg = make_cfg(datasets["pretrain"], str(tmp_path / "runs"), "z3-fault", steps=16, eval_every=4,
                    deepspeed={"zero_stage": 3}, checkpoint={"max_failures": 2, "every": 4})
+    N, every = cfg.steps, cfg.checkpoint.every
     metrics_file = Path(cfg.resolved_output_dir) / "metrics.jsonl"
     killed: dict = {}
 
     # Ray Train's controller registers a reported checkpoint when it next polls the workers (every ~2 s, which can
     # be several fast steps later); a kill before that loses it. Kill rank 1 once a checkpoint is *registered* (Ray's
-    # own snapshot file) and training has moved past it: at most one interval (4 steps) can then be redone.
+    # own snapshot file), training has moved past it and no newer one is being written: at most one interval (4
+    # steps) can then be redone. 16 steps give three chances, as fast steps can outrun one registration.
     snapshot = Path(cfg.storage_run_uri) / "checkpoint_manager_snapshot.json"
 
     def kill_rank1_after_a_registered_checkpoint():
@@ -96,39 +98,39 @@ def test_zero3_sm_survives_worker_kill_and_replays_exactly(ray_session, datasets
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             done = max(r["step"] for r in recs if r["kind"] == "train")
-            if registered < done < cfg.steps:
+            if registered < done < min(N, registered + every):
                 killed.update(pid=[r for r in recs if r["kind"] == "setup"][-1]["pids"][1], after_step=done)
                 os.kill(killed["pid"], signal.SIGKILL)
 
     threading.Thread(target=kill_rank1_after_a_registered_checkpoint, daemon=True).start()
     result = run(cfg)
     assert killed, "the worker was never killed"
-    assert result.metrics["step"] == 8
+    assert result.metrics["step"] == N
     recs = records(result.output_uri)
     setups = [r for r in recs if r["kind"] == "setup"]
     assert [s["attempt"] for s in setups] == [0, 1] and killed["pid"] not in setups[1]["pids"]
     restored_at = setups[1]["step"]  # the checkpoint the second attempt started from
     before, after = train_losses(recs, attempt=0), train_losses(recs, attempt=1)
-    assert restored_at % cfg.checkpoint.every == 0 and killed["after_step"] - cfg.checkpoint.every < restored_at
+    assert restored_at % every == 0 and killed["after_step"] - every < restored_at
     redone = sorted(set(before) & set(after))
-    assert min(after) == restored_at + 1 and max(after) == 8
-    assert len(redone) <= cfg.checkpoint.every  # at most one checkpoint interval redone
+    assert min(after) == restored_at + 1 and max(after) == N
+    assert len(redone) <= every  # at most one checkpoint interval redone
     for s in redone:  # resume determinism: the replayed steps give the killed attempt's losses
         assert after[s] == pytest.approx(before[s], rel=1e-5, abs=1e-6)
     losses = train_losses(recs)
-    assert losses[8] < losses[1] - 0.5 and (losses[7] + losses[8]) / 2 < (losses[1] + losses[2]) / 2 - 0.5
+    assert losses[N] < losses[1] - 0.5 and (losses[N - 1] + losses[N]) / 2 < (losses[1] + losses[2]) / 2 - 0.5
     vals = {r["step"]: r for r in recs if r["kind"] == "val"}
-    assert vals[8]["val_ppl"] < vals[4]["val_ppl"] and "val_ppl_two_pass" in vals[8]
+    assert vals[N]["val_ppl"] < vals[4]["val_ppl"] and "val_ppl_two_pass" in vals[N]
     sm_rows = [r for r in recs if r["kind"] == "train"]
     assert all({"omega_s", "omega_a", "omega_b", "grad_norm", "lr", "sm_lr", "tokens_per_s"} <= set(r)
                for r in sm_rows)
     assert all("lambda_mean" in r for r in sm_rows if r["two_pass"] > 0)
     meta = check_export_samples(result.export_uri)
-    assert meta["weights"] == "ema" and meta["objective"] == "sm" and meta["step"] == 8
+    assert meta["weights"] == "ema" and meta["objective"] == "sm" and meta["step"] == N
     assert Path(result.plot_uri).stat().st_size > 1000
     assert list((Path(result.output_uri) / "tensorboard").glob("events.out.tfevents.*"))
     ckpts = sorted(p.name for p in Path(result.run_uri).glob("checkpoint_0*") if p.is_dir())
-    assert ckpts == ["checkpoint_00000004", "checkpoint_00000008"]  # keep_last = 2
+    assert ckpts == [f"checkpoint_{N - every:08d}", f"checkpoint_{N:08d}"]  # keep_last = 2
     assert len(list((Path(result.run_uri) / ckpts[-1] / "ds").glob("zero_pp_rank_*_model_states.pt"))) == 2
 
 
