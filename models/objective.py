@@ -55,13 +55,11 @@ def uses_two_pass(obj: ObjectiveConfig, seed: int, step: int) -> bool:
 
 def elbo_terms(logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule,
                mask_id: int) -> torch.Tensor:
-    """Per-token weighted NLL (B, L): w(t)·(−log p_θ(x0)) on masked positions, 0 elsewhere (SUBS carry-over)."""
+    """Per-token weighted NLL (B, L) from full logits (B, L, V): w(t)·(−log p_θ(x0)) on masked positions, 0 elsewhere
+    (SUBS carry-over)."""
     masked = x_t == mask_id  # (B, L)
     out = torch.zeros(x0.shape, device=logits.device, dtype=torch.float32)
-    if masked.any():
-        nll = F.cross_entropy(logits[masked].float(), x0[masked], reduction="none")  # (M,)
-        weight = schedule.weight(t.to(logits.device)).unsqueeze(-1).expand_as(masked)[masked]  # (M,)
-        out[masked] = weight * nll
+    out[masked] = masked_elbo_terms(logits[masked], x0, masked, t, schedule)
     return out
 
 
