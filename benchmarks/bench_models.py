@@ -108,6 +108,23 @@ def sampler_times(vocab: int, steps: int, length: int, n: int) -> dict:
     return {"vocab": vocab, "flavor": "tiny", "num_samples": n, "length": length, "steps": steps, "algorithms": out}
 
 
+def sampler_serving_shape(flavor: str, rows: int, steps: int = 32, prompt_len: int = 20, length: int = 64) -> dict:
+    """The serving benchmark's request shape: ``rows`` prompts of ``prompt_len`` tokens on a ``length`` canvas, SM on,
+    ancestral, 1 torch thread as a Serve replica runs it; median of 3 timed calls after one warm-up."""
+    model = _model(flavor).eval()
+    prompts = [list(range(5 + r, 5 + r + prompt_len)) for r in range(rows)]
+    cfg = SamplerConfig(steps=steps, soft_mask=True, top_p=0.9)
+    times = []
+    with torch.inference_mode():
+        for i in range(4):
+            t0 = time.perf_counter()
+            sample(model, cfg, rows, length, prompt_ids=prompts, seed=i)
+            times.append(time.perf_counter() - t0)
+    med = statistics.median(times[1:])
+    return {"flavor": flavor, "rows": rows, "prompt_len": prompt_len, "length": length, "steps": steps,
+            "s_per_call": round(med, 4), "ms_per_step": round(1000 * med / steps, 2)}
+
+
 def _load_reference(path: str):
     spec = importlib.util.spec_from_file_location("paper_transparency_head", path)
     mod = importlib.util.module_from_spec(spec)
@@ -159,7 +176,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
     ap.add_argument("--reference", default=os.environ.get("SOFTMASK_REFERENCE_HEAD"),
                     help="path to the paper's language/transparency_head.py (not shipped; fetch it to compare)")
-    ap.add_argument("--only", default="train,memory,sampler,head")
+    ap.add_argument("--only", default="train,memory,sampler,serving_shape,head")
     ap.add_argument("--child-memory", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_memory:
@@ -175,6 +192,11 @@ def main() -> None:
         report["train_peak_memory"] = [peak_memory(f) for f in ("debug", "tiny")]
     if "sampler" in only:
         report["sampler"] = [sampler_times(v, 8 if args.quick else 32, 128, 4) for v in (8192, 50258)]
+    if "serving_shape" in only:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        report["sampler_serving_shape"] = [sampler_serving_shape(f, r) for f in ("debug", "tiny") for r in (1, 16)]
+        torch.set_num_threads(threads)
     if "head" in only:
         report["sm_head"] = head_alone(args.reference)
     print(json.dumps(report, indent=2))

@@ -112,7 +112,8 @@ async def load_level(url: str, prompts: list[str], concurrency: int, body: dict,
             "mean_batch_size": round(statistics.fmean(sizes), 2) if sizes else None}
 
 
-def direct_baseline(ckpt: Path, prompts: list[str], body: dict, bucket: int, threads: int, repeats: int) -> dict:
+def direct_baseline(ckpt: Path, prompts: list[str], body: dict, bucket: int, threads: int, repeats: int,
+                    device: str = "cpu") -> dict:
     """The same requests (prompts, canvas bucket, sampler settings) through models.sampling.sample in this process."""
     import torch
 
@@ -121,7 +122,7 @@ def direct_baseline(ckpt: Path, prompts: list[str], body: dict, bucket: int, thr
     from models.tokenizer import load_tokenizer
 
     torch.set_num_threads(threads)
-    model = models.load_pretrained(ckpt).eval()
+    model = models.load_pretrained(ckpt).to(device).eval()
     tok = load_tokenizer(str(ckpt / "tokenizer.json"))
     cfg = SamplerConfig(steps=body["steps"], algorithm=body["algorithm"], soft_mask=body["soft_mask"],
                         top_p=0.9)
@@ -133,9 +134,12 @@ def direct_baseline(ckpt: Path, prompts: list[str], body: dict, bucket: int, thr
         t0 = time.perf_counter()
         with torch.inference_mode():
             sample(model, cfg, num_samples=1, length=length, prompt_ids=[ids], seed=i)
+            if device == "cuda":
+                torch.cuda.synchronize()
         if i:  # first call warms up
             times.append(time.perf_counter() - t0)
-    return {"latency_p50_s": round(statistics.median(times), 4), "repeats": repeats, "torch_threads": threads}
+    return {"latency_p50_s": round(statistics.median(times), 4), "repeats": repeats, "torch_threads": threads,
+            "device": device}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--level-time-s", type=float, default=25.0, help="time limit per level")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch threads in the replica and the baseline")
     ap.add_argument("--replica-cpus", type=float, default=1.0)
+    ap.add_argument("--num-gpus", type=float, default=0.0,
+                    help="GPUs per sampler replica; > 0 decodes on CUDA (the direct baseline too)")
     ap.add_argument("--baseline-repeats", type=int, default=10)
     ap.add_argument("--out", default=None, help="also write the JSON here (stdout may carry Ray's log lines)")
     args = ap.parse_args(argv)
@@ -166,7 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     body = {"max_tokens": args.max_tokens, "steps": args.steps, "algorithm": "ancestral", "soft_mask": True}
     report: dict = {"config": {**vars(args), "prompts": "Shakespeare lines (pipelines.corpus)",
                                "cpu_count": os.cpu_count()}, "results": {}, "goals": {}}
-    init_ray(RayConfig(num_cpus=os.cpu_count()))
+    device = "cuda" if args.num_gpus > 0 else "cpu"
+    report["config"]["device"] = device
+    if device == "cuda":
+        import torch
+
+        report["config"]["gpu"] = torch.cuda.get_device_name(0)
+    init_ray(RayConfig(num_cpus=os.cpu_count()), accelerator=device)  # a local Ray finds the GPUs itself
     from ray import serve
 
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
@@ -175,13 +187,14 @@ def main(argv: list[str] | None = None) -> int:
             ckpt = make_checkpoint(flavor, work / flavor, corpus_files)
             res = report["results"].setdefault(flavor, {})
             res["direct_sample"] = direct_baseline(ckpt, prompts, body, 16, args.torch_threads,
-                                                   args.baseline_repeats)
+                                                   args.baseline_repeats, device)
             for mode in args.modes.split(","):
                 size = args.batch_size if mode == "on" else 1
                 cfg = ServeStageConfig(
                     checkpoint=str(ckpt), app_name="bench", port=0, max_batch_size=size,
                     batch_wait_timeout_s=args.batch_wait_s, max_ongoing_requests=max(size, 64),
                     max_queued_requests=512, num_cpus=args.replica_cpus, torch_threads=args.torch_threads,
+                    num_gpus=args.num_gpus, device=device,
                     target_ongoing_requests=64, request_timeout_s=300, max_tokens_limit=256)
                 result = run(cfg)
                 try:

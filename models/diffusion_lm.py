@@ -3,15 +3,19 @@
 forward(x_t, t, two_pass=False, prev_logits=None, masked_only=False) -> logits (B, L, V) with the [MASK] logit
 suppressed.
 - prev_logits given (sampling): the previous step's prediction is fed back (SM or self-conditioning); no extra pass.
+  Either dense (B, L, V) or a :class:`MaskedLogits` (only the rows that were masked); feedback reaches the positions
+  masked now that have a previous prediction, any other masked position (e.g. one remasked by ReMDM) is pure [MASK].
 - two_pass=True (training): pass 1 under no_grad on the same x_t with pure masks gives the feedback, pass 2 runs with
   gradients to the backbone and the SM scalars (ω reach the loss only through λ in pass 2).
 - masked_only=True: logits (M, V) of the still-masked rows of x_t only (row-major, = logits[x_t == mask]); the output
-  layer and everything after it then run on ~half the positions (the loss reads nothing else).
+  layer and everything after it then run on ~half the positions (the loss reads nothing else). ``rows`` (B, L) bool
+  selects any other set of positions the same way (the samplers ask for the ones they will read).
 Unmasked positions carry their token over (SUBS); consumers (loss, samplers) only read masked rows.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import torch
@@ -22,6 +26,21 @@ from models.config import ModelConfig
 from models.softmask import SoftMaskHead
 
 NEG_INF = -1e6  # finite "−∞" for the [MASK] logit (as MDLM): keeps softmax/entropy NaN-free
+
+
+@dataclass
+class MaskedLogits:
+    """A prediction kept only where it is read: ``z`` (M, V) holds the logits of the True positions of ``rows`` (B, L),
+    in row-major order (= dense[rows]). The samplers keep their predictions in this form."""
+
+    rows: torch.Tensor  # (B, L) bool
+    z: torch.Tensor     # (M, V)
+
+    def at(self, sel: torch.Tensor) -> torch.Tensor:
+        """Logits (M', V) of the positions ``sel`` (B, L) bool, row-major; every one of them must be in ``rows``."""
+        if bool((sel & ~self.rows).any()):
+            raise ValueError("MaskedLogits.at: some selected positions have no logits (not in rows)")
+        return self.z[sel[self.rows]]
 
 
 class DiffusionLM(nn.Module):
@@ -66,21 +85,26 @@ class DiffusionLM(nn.Module):
             logits[..., self.config.vocab_size:] = NEG_INF  # padding rows (vocab_pad_multiple) are not tokens
         return logits
 
-    def feedback_input(self, x_t: torch.Tensor, prev_logits: torch.Tensor):
-        """Build the pass-2 input from a (detached) previous prediction. Returns (inputs, extra)."""
-        prev_logits = prev_logits.detach()
+    def feedback_input(self, x_t: torch.Tensor, prev_logits: torch.Tensor | MaskedLogits):
+        """Build the pass-2 input from a (detached) previous prediction, dense (B, L, V) or :class:`MaskedLogits`.
+        Only positions masked in x_t read it. Returns (inputs, extra)."""
+        masked = x_t == self.mask_id  # (B, L)
+        if isinstance(prev_logits, MaskedLogits):
+            fed = masked & prev_logits.rows  # masked now and predicted before
+            z = prev_logits.z.detach()[fed[prev_logits.rows]]  # (M, V)
+        else:
+            fed, z = masked, prev_logits.detach()[masked]
         if self.sc_proj is not None:
             k = self.config.softmask_k or 1
-            top_z, top_ids = torch.topk(prev_logits.float(), k, dim=-1)  # (B, L, k)
-            pi = torch.softmax(top_z, dim=-1)
-            unmasked = (x_t != self.mask_id).unsqueeze(-1)  # SUBS: decoded tokens are certain
-            top_ids = torch.where(unmasked, x_t.unsqueeze(-1), top_ids)
-            first = torch.zeros_like(pi)
-            first[..., 0] = 1.0
-            pi = torch.where(unmasked, first, pi)
-            estimate = sparse_embed(self.backbone.embed.weight, top_ids, pi)  # (B, L, d)
+            top_z, top_ids = torch.topk(z.float(), k, dim=-1)  # (M, k)
+            B, L = x_t.shape
+            ids = x_t.unsqueeze(-1).expand(B, L, k).clone()  # elsewhere the input token itself is certain (SUBS)
+            pi = torch.zeros(B, L, k, device=x_t.device, dtype=torch.float32)
+            pi[..., 0] = 1.0
+            ids[fed], pi[fed] = top_ids, torch.softmax(top_z, dim=-1)
+            estimate = sparse_embed(self.backbone.embed.weight, ids, pi)  # (B, L, d)
             return x_t, self.sc_proj(estimate)
-        ids, w = self.sm_head(x_t, prev_logits, self.mask_id)  # (B, L, k+1) each
+        ids, w = self.sm_head.mix(x_t, fed, z)  # (B, L, k+1) each
         self.last_stats = {"lambda_mean": self.sm_head.last_lambda}
         return (ids, w), None
 
@@ -93,8 +117,10 @@ class DiffusionLM(nn.Module):
         return masked, z
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | None = None, *, two_pass: bool = False,
-                prev_logits: torch.Tensor | None = None, masked_only: bool = False) -> torch.Tensor:
-        rows = (x_t == self.mask_id) if masked_only else None  # (B, L)
+                prev_logits: torch.Tensor | MaskedLogits | None = None, masked_only: bool = False,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        if masked_only:
+            rows = x_t == self.mask_id  # (B, L)
         if prev_logits is None and two_pass and self.sc_proj is None:
             masked, z = self._pass_one_sm_input(x_t, t)  # pass 1: same x_t, pure masks, current θ, no grad
             ids, w = self.sm_head.mix(x_t, masked, z)  # grads reach ω through w only
@@ -102,8 +128,8 @@ class DiffusionLM(nn.Module):
             self.last_stats = {"lambda_mean": self.sm_head.last_lambda}
             return self._predict((ids, w), t, rows=rows)  # pass 2
         if prev_logits is None and two_pass:
-            with torch.no_grad():
-                prev_logits = self._predict(x_t, t)  # self-conditioning: estimate needed at every position
+            with torch.no_grad():  # self-conditioning: the estimate is read at the masked positions only
+                prev_logits = MaskedLogits(x_t == self.mask_id, self._predict(x_t, t, rows=x_t == self.mask_id))
         if prev_logits is None:
             return self._predict(x_t, t, rows=rows)
         inputs, extra = self.feedback_input(x_t, prev_logits)

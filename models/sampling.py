@@ -5,6 +5,9 @@
 One forward pass per denoising step. With ``soft_mask`` the previous step's *unfiltered* prediction is fed back
 through the model's SM head, so SM adds no forward pass (``out.nfe`` counts forwards). Prompt / fixed positions are
 never changed; the time grid ends at t = 0, so no [MASK] remains at the end.
+
+The output layer runs only where a prediction is read (``MaskedLogits``): the still-masked positions with soft-masking
+(their feedback), the current block's masked positions without it. Decoded and prompt positions cost the backbone only.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from models.diffusion_lm import MaskedLogits
 from models.sampling_rules import UPDATE_RULES, StepContext
 
 ALGORITHMS = tuple(UPDATE_RULES)
@@ -116,19 +120,23 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
     for a, b in blocks:
         in_block = (positions >= a) & (positions < b)  # (L,)
         ts = torch.linspace(1.0, 0.0, steps_per_block + 1, dtype=torch.float64)
+        cached = None  # a cached prediction may not cover the next block's positions
         for i in range(steps_per_block):
-            if not ((x == mask_id) & in_block).any():
+            masked = x == mask_id
+            active = masked & in_block & ~fixed
+            if not active.any():
                 break  # block already complete (e.g. fully prompted)
             t, s = float(ts[i]), float(ts[i + 1])
             if cached is not None:
                 logits = cached
             else:
+                rows = masked if cfg.soft_mask else active  # where this prediction will be read
                 t_vec = torch.full((num_samples,), t, device=device)
-                logits = model(x, t_vec, prev_logits=prev_logits if cfg.soft_mask else None)
+                logits = MaskedLogits(rows, model(x, t_vec, prev_logits=prev_logits if cfg.soft_mask else None,
+                                                        rows=rows))
                 nfe += 1
-            ctx = StepContext(x=x, logits=logits, t=t, s=s, active=(x == mask_id) & in_block & ~fixed,
-                              decoded=(x != mask_id) & in_block & ~fixed, mask_id=mask_id, cfg=cfg, generator=gen,
-                              last=(i == steps_per_block - 1))
+            ctx = StepContext(x=x, logits=logits, t=t, s=s, active=active, decoded=~masked & in_block & ~fixed,
+                              mask_id=mask_id, cfg=cfg, generator=gen, last=(i == steps_per_block - 1))
             x_new = rule(ctx)
             changed = bool((x_new != x).any())
             cached = logits if (cfg.cache_unchanged and not changed and not model.config.time_conditioning) else None
@@ -138,11 +146,12 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
                 trajectory.append(x.clone())
             if on_step is not None:
                 on_step(step_idx, x)
-    if (x == mask_id).any():  # safety net: one more forward (with feedback), then argmax
+    masked = x == mask_id
+    if masked.any():  # safety net: one more forward (with feedback), then argmax
         t_vec = torch.zeros((num_samples,), device=device)
-        logits = model(x, t_vec, prev_logits=prev_logits if cfg.soft_mask else None)
+        z = model(x, t_vec, prev_logits=prev_logits if cfg.soft_mask else None, masked_only=True)  # (M, V)
         nfe += 1
-        x = torch.where(x == mask_id, logits.argmax(-1), x)
+        x = x.masked_scatter(masked, z.argmax(-1))
     if cfg.eos_policy == "pad_after_eos":
         x = _pad_after_eos(x, fixed, cfg.eos_id)
     model.train(was_training)

@@ -1,6 +1,7 @@
 """Per-step update rules of the samplers (registry: name -> rule(ctx) -> new tokens).
 
-Each rule sees the current tokens, the model's prediction (B, L, V) and the step's times t > s on the grid
+Each rule sees the current tokens, the model's prediction (``MaskedLogits``: rows for at least the ``active``
+positions) and the step's times t > s on the grid
 1 -> 0, and only changes ``ctx.active`` (still-masked, in-block, not fixed) positions — ReMDM also remasks
 ``ctx.decoded`` ones. Times use α_t = 1 − t.
 """
@@ -17,7 +18,7 @@ _CHUNK_ELEMS = 1 << 24  # rows per Gumbel chunk bounded by this many float64 ele
 @dataclass
 class StepContext:
     x: torch.Tensor        # (N, L) current tokens
-    logits: torch.Tensor   # (N, L, V) unfiltered prediction
+    logits: Any            # models.diffusion_lm.MaskedLogits: unfiltered prediction, .at(sel) -> (M, V)
     t: float
     s: float
     active: torch.Tensor   # (N, L) bool: masked positions this step may unmask
@@ -68,9 +69,9 @@ def _unmask_with_prob(ctx: StepContext, p_unmask: float, x_new: torch.Tensor) ->
     if idx[0].numel() == 0:
         return x_new
     go = _uniform(idx[0].shape, ctx) < p_unmask if not ctx.last else torch.ones_like(idx[0], dtype=torch.bool)
-    sel = (idx[0][go], idx[1][go])
-    x_new[sel] = draw(ctx.logits[sel], ctx.cfg, ctx.generator)
-    return x_new
+    chosen = torch.zeros_like(ctx.active)
+    chosen[idx[0][go], idx[1][go]] = True  # row-major, the order of idx
+    return x_new.masked_scatter(chosen, draw(ctx.logits.at(chosen), ctx.cfg, ctx.generator))
 
 
 def ancestral(ctx: StepContext) -> torch.Tensor:
@@ -100,7 +101,7 @@ def _confidence_rule(score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         idx = ctx.active.nonzero(as_tuple=True)
         if idx[0].numel() == 0:
             return x_new
-        z = ctx.logits[idx]  # (M, V)
+        z = ctx.logits.at(ctx.active)  # (M, V), row-major like idx
         cand = draw(z, ctx.cfg, ctx.generator)  # (M,)
         probs = sampling_probs(z, ctx.cfg.temperature or 1.0, ctx.cfg.top_p)
         conf = torch.full(ctx.x.shape, float("-inf"), device=ctx.x.device)

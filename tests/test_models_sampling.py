@@ -84,3 +84,67 @@ def test_bad_config_and_prompt(model):
         SamplerConfig(top_p=0)
     with pytest.raises(ValueError, match="longer than length"):
         sample(model, SamplerConfig(steps=2), 1, 4, prompt_ids=[[1, 2, 3, 4, 5]])
+
+
+@pytest.mark.parametrize("soft_mask", [True, False])
+def test_output_layer_runs_only_where_the_prediction_is_read(model, soft_mask):
+    """Each step's lm_head sees exactly the still-masked positions (SM: all of them, for the feedback) or, without SM,
+    only the current block's masked ones; prompt and decoded positions cost the backbone only."""
+    rows_seen, states = [], []
+    hook = model.backbone.lm_head.register_forward_hook(lambda m, args, out: rows_seen.append(args[0].shape[0]))
+    try:
+        prompts = [[5, 6, 7, 8], [9, 10]]
+        cfg = SamplerConfig(steps=8, soft_mask=soft_mask, block_length=8)
+        sample(model, cfg, 2, 24, prompt_ids=prompts, seed=1, on_step=lambda i, x: states.append(x.clone()))
+    finally:
+        hook.remove()
+    x0 = torch.full((2, 24), model.mask_id)
+    x0[0, :4], x0[1, :2] = torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10])
+    before = [x0] + states[:-1]  # the input of each step's forward
+    block_of_step = [s // (8 // 3) for s in range(len(states))]  # 8 steps over 3 blocks of 8 -> 2 steps per block
+    assert len(rows_seen) == len(states) == 6
+    for x, blk, seen in zip(before, block_of_step, rows_seen):
+        masked = x == model.mask_id
+        if not soft_mask:
+            in_block = torch.zeros(24, dtype=torch.bool)
+            in_block[8 * blk:8 * blk + 8] = True
+            masked &= in_block
+        assert seen == int(masked.sum())
+
+
+def test_feedback_from_masked_rows_equals_dense_feedback():
+    """A prediction kept only on the masked rows feeds back exactly what the dense one does; a position masked now
+    but not predicted before (ReMDM remasking) gets the pure [MASK] embedding."""
+    from models.diffusion_lm import MaskedLogits
+
+    for sc in (False, True):
+        torch.manual_seed(0)
+        m = models.build_model(models.ModelConfig.from_flavor("debug", vocab_size=200, self_conditioning=sc)).eval()
+        with torch.no_grad():
+            m.sm_head.raw_scale.fill_(2.0)
+            if sc:
+                m.sc_proj.weight.normal_(0, 0.05)
+        g = torch.Generator().manual_seed(1)
+        x_prev = torch.randint(0, m.mask_id, (2, 16), generator=g)
+        x_prev[torch.rand(2, 16, generator=g) < 0.6] = m.mask_id
+        x_now = x_prev.clone()
+        x_now[0, (x_prev[0] == m.mask_id).nonzero()[0]] = 7  # one position decoded since
+        rows_prev = x_prev == m.mask_id
+        with torch.no_grad():
+            dense = m(x_prev)
+            sparse = MaskedLogits(rows_prev, m(x_prev, masked_only=True))
+            torch.testing.assert_close(sparse.z, dense[rows_prev])
+            want = m(x_now, prev_logits=dense)[x_now == m.mask_id]
+            got = m(x_now, prev_logits=sparse, masked_only=True)
+            torch.testing.assert_close(got, want)
+            with pytest.raises(ValueError, match="not in rows"):
+                sparse.at(~rows_prev)
+            remasked = x_now.clone()
+            pos = (x_prev[1] != m.mask_id).nonzero()[0]
+            remasked[1, pos] = m.mask_id
+            inputs, extra = m.feedback_input(remasked, sparse)
+            if not sc:
+                ids, w = inputs
+                assert ids[1, pos, 0].item() == m.mask_id and w[1, pos, 0].item() == 1 and w[1, pos, 1:].abs().sum() == 0
+            else:
+                torch.testing.assert_close(extra[1, pos], m.sc_proj(m.backbone.embed.weight[m.mask_id]).reshape(1, -1))
