@@ -6,7 +6,8 @@ soon as the previous one answers) runs at each concurrency C, bounded by --reque
 Reported per level: requests/s, generated tokens/s (canvas positions decoded, = max_tokens per request) and
 completion tokens/s (after the EOS cut), p50/p99 latency, mean decode batch size, error count by status.
 A direct ``models.sampling.sample`` call with the same request shape and the same torch threads is the baseline for
-the HTTP + Serve overhead at concurrency 1.
+the HTTP + Serve overhead at concurrency 1, measured in --paired back-to-back (direct, HTTP) pairs: the median of the
+per-pair ratios (separate medians taken minutes apart drift with the speed of a shared machine by +-30 %).
 
 Goals: batching >= 3x the requests/s of batch-size-1 at concurrency 16; overhead <= 20% at concurrency 1; no errors
 at concurrency 64.
@@ -112,34 +113,64 @@ async def load_level(url: str, prompts: list[str], concurrency: int, body: dict,
             "mean_batch_size": round(statistics.fmean(sizes), 2) if sizes else None}
 
 
-def direct_baseline(ckpt: Path, prompts: list[str], body: dict, bucket: int, threads: int, repeats: int,
-                    device: str = "cpu") -> dict:
+class DirectSampler:
     """The same requests (prompts, canvas bucket, sampler settings) through models.sampling.sample in this process."""
-    import torch
 
-    import models
-    from models.sampling import SamplerConfig, sample
-    from models.tokenizer import load_tokenizer
+    def __init__(self, ckpt: Path, prompts: list[str], body: dict, bucket: int, threads: int, device: str = "cpu"):
+        import torch
 
-    torch.set_num_threads(threads)
-    model = models.load_pretrained(ckpt).to(device).eval()
-    tok = load_tokenizer(str(ckpt / "tokenizer.json"))
-    cfg = SamplerConfig(steps=body["steps"], algorithm=body["algorithm"], soft_mask=body["soft_mask"],
-                        top_p=0.9)
-    times = []
-    for i in range(repeats + 1):
-        ids = tok.encode(prompts[max(i - 1, 0) % len(prompts)])
-        need = len(ids) + body["max_tokens"]
-        length = min(model.config.max_seq_len, -(-need // bucket) * bucket)  # the server's canvas bucket
+        import models
+        from models.sampling import SamplerConfig
+        from models.tokenizer import load_tokenizer
+
+        torch.set_num_threads(threads)
+        self.torch, self.device, self.prompts, self.body, self.bucket = torch, device, prompts, body, bucket
+        self.model = models.load_pretrained(ckpt).to(device).eval()
+        self.tok = load_tokenizer(str(ckpt / "tokenizer.json"))
+        self.cfg = SamplerConfig(steps=body["steps"], algorithm=body["algorithm"], soft_mask=body["soft_mask"],
+                                 top_p=0.9)
+
+    def __call__(self, i: int) -> float:
+        """Seconds for prompt i (the server's canvas bucket)."""
+        from models.sampling import sample
+
+        ids = self.tok.encode(self.prompts[i % len(self.prompts)])
+        need = len(ids) + self.body["max_tokens"]
+        length = min(self.model.config.max_seq_len, -(-need // self.bucket) * self.bucket)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            sample(model, cfg, num_samples=1, length=length, prompt_ids=[ids], seed=i)
-            if device == "cuda":
-                torch.cuda.synchronize()
-        if i:  # first call warms up
-            times.append(time.perf_counter() - t0)
-    return {"latency_p50_s": round(statistics.median(times), 4), "repeats": repeats, "torch_threads": threads,
-            "device": device}
+        with self.torch.inference_mode():
+            sample(self.model, self.cfg, num_samples=1, length=length, prompt_ids=[ids], seed=i)
+            if self.device == "cuda":
+                self.torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def baseline(self, repeats: int) -> dict:
+        self(0)  # warm-up
+        times = [self(i) for i in range(repeats)]
+        return {"latency_p50_s": round(statistics.median(times), 4), "repeats": repeats,
+                "torch_threads": self.torch.get_num_threads(), "device": self.device}
+
+
+def paired_overhead(url: str, direct: DirectSampler, body: dict, pairs: int) -> dict:
+    """HTTP + Serve overhead at concurrency 1, measured in pairs: the direct call and the HTTP request for the same
+    prompt back to back, ``pairs`` times; the median of the per-pair ratios is immune to the slow drift of a shared
+    machine's speed that separate medians are not."""
+    import urllib.request
+
+    ratios, http_s, direct_s = [], [], []
+    for i in range(pairs):
+        d = direct(i)
+        req = urllib.request.Request(url, json.dumps({**body, "prompt": direct.prompts[i % len(direct.prompts)],
+                                                      "seed": i}).encode(), {"Content-Type": "application/json"})
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=600) as r:
+            r.read()
+        h = time.perf_counter() - t0
+        ratios.append(h / d)
+        http_s.append(h)
+        direct_s.append(d)
+    return {"pairs": pairs, "overhead_median": round(statistics.median(ratios) - 1, 3),
+            "http_p50_s": round(statistics.median(http_s), 4), "direct_p50_s": round(statistics.median(direct_s), 4)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-gpus", type=float, default=0.0,
                     help="GPUs per sampler replica; > 0 decodes on CUDA (the direct baseline too)")
     ap.add_argument("--baseline-repeats", type=int, default=10)
+    ap.add_argument("--paired", type=int, default=20,
+                    help="pairs (direct call, HTTP request) for the c=1 overhead goal; 0 = compare separate medians")
     ap.add_argument("--out", default=None, help="also write the JSON here (stdout may carry Ray's log lines)")
     args = ap.parse_args(argv)
 
@@ -186,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         for flavor in args.flavors.split(","):
             ckpt = make_checkpoint(flavor, work / flavor, corpus_files)
             res = report["results"].setdefault(flavor, {})
-            res["direct_sample"] = direct_baseline(ckpt, prompts, body, 16, args.torch_threads,
-                                                   args.baseline_repeats, device)
+            direct = DirectSampler(ckpt, prompts, body, 16, args.torch_threads, device)
+            res["direct_sample"] = direct.baseline(args.baseline_repeats)
             for mode in args.modes.split(","):
                 size = args.batch_size if mode == "on" else 1
                 cfg = ServeStageConfig(
@@ -200,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     url = result.completions_url
                     asyncio.run(load_level(url, prompts, 2, body, 4, 30))  # warm-up
+                    if args.paired:
+                        res[f"paired_overhead_{mode}"] = paired_overhead(url, direct, body, args.paired)
                     res[f"batching_{mode}"] = [
                         asyncio.run(load_level(url, prompts, c, body, max(args.requests, 4 * c), args.level_time_s))
                         for c in levels]
@@ -212,9 +247,11 @@ def main(argv: list[str] | None = None) -> int:
                 goals["batching_speedup_c16"] = round(by["on"][16]["requests_per_s"] /
                                                       max(by["off"][16]["requests_per_s"], 1e-9), 2)
             for m in ("on", "off"):
-                if 1 in by[m]:
-                    direct = res["direct_sample"]["latency_p50_s"]
-                    goals[f"http_overhead_c1_batching_{m}"] = round(by[m][1]["latency_p50_s"] / direct - 1, 3)
+                if f"paired_overhead_{m}" in res:
+                    goals[f"http_overhead_c1_batching_{m}"] = res[f"paired_overhead_{m}"]["overhead_median"]
+                elif 1 in by[m]:
+                    direct_p50 = res["direct_sample"]["latency_p50_s"]
+                    goals[f"http_overhead_c1_batching_{m}"] = round(by[m][1]["latency_p50_s"] / direct_p50 - 1, 3)
                 if 64 in by[m]:
                     goals[f"errors_c64_batching_{m}"] = by[m][64]["errors"]
     finally:

@@ -118,14 +118,15 @@ class SamplerDeployment:
         self._info = {"id": self.cfg.served_name, "object": "model", "created": int(time.time()),
                       "owned_by": "softmask", "max_seq_len": mcfg.max_seq_len, "vocab_size": mcfg.vocab_size,
                       "flavor": mcfg.flavor}
-        self.stats = {"intake_batches": 0, "decodes": 0, "requests": 0, "max_batch_size": 0}
+        self.stats = {"intake_batches": 0, "decodes": 0, "requests": 0, "max_batch_size": 0, "decode_s": 0.0}
 
     # ----------------------------------------------------------------------------------------------- public API
     async def describe(self) -> dict:
         return dict(self._info)
 
     async def get_stats(self) -> dict:
-        """Counters: intake batches (@serve.batch calls), decodes (sample() calls), requests, largest decode."""
+        """Counters: intake batches (@serve.batch calls), decodes (sample() calls), requests, largest decode, seconds
+        spent inside sample() (decode_s)."""
         return dict(self.stats)
 
     def check_health(self) -> None:
@@ -323,9 +324,13 @@ class SamplerDeployment:
 
     def _sample_blocking(self, scfg: dict, rows: list[list[int]], length: int, seed: int, on_step):
         """Runs in the sampler thread: one sample() call -> ((N, L) token lists, nfe)."""
-        with self._torch.inference_mode():
-            out = self._sample(self.model, self._sampler_config(**scfg), num_samples=len(rows), length=length,
-                               prompt_ids=rows, seed=seed, on_step=on_step)
+        t0 = time.perf_counter()
+        try:
+            with self._torch.inference_mode():
+                out = self._sample(self.model, self._sampler_config(**scfg), num_samples=len(rows), length=length,
+                                   prompt_ids=rows, seed=seed, on_step=on_step)
+        finally:
+            self.stats["decode_s"] += time.perf_counter() - t0
         return out.tokens.tolist(), int(out.nfe)
 
     def _chunk(self, job: _Job, step: int, steps: int) -> dict:
