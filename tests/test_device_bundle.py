@@ -74,3 +74,26 @@ def test_part_size_must_leave_room_for_the_tree(tmp_path):
     (tmp_path / "stage").mkdir()
     with pytest.raises(ValueError, match="part-mib"):
         mod.bundle(tmp_path / "stage", tmp_path, "demo", part_bytes=1000, reserve_bytes=2000)
+
+
+def test_two_bundles_share_the_device_folder(tmp_path):
+    """A second bundle built with start past the first keeps the first's folders; interleaved calls unpack both."""
+    mod = _bundle_module()
+    out, device = tmp_path / "repo", tmp_path / "device"
+    out.mkdir()
+    stages = {}
+    for name in ("one", "two"):
+        stages[name] = tmp_path / name
+        stages[name].mkdir()
+        (stages[name] / f"{name}.bin").write_bytes(os.urandom(1_500_000))
+    first = mod.bundle(stages["one"], out, "one", part_bytes=1 << 20, reserve_bytes=0)
+    n_first = len(first["parts"])
+    mod.bundle(stages["two"], out, "two", part_bytes=1 << 20, reserve_bytes=0, start=n_first + 1)
+    folders = sorted(out.glob(".xfer*"), key=lambda p: int(p.name[5:]))
+    assert len(folders) == n_first + 2
+    order = [folders[0], folders[n_first], folders[n_first + 1]] + folders[1:n_first]  # interleaved
+    for folder in order:
+        r = _unbundle(folder, device)
+        assert r.returncode == 0, r.stderr
+    for name in ("one", "two"):
+        assert (device / "root" / f"{name}.bin").read_bytes() == (stages[name] / f"{name}.bin").read_bytes()
