@@ -41,6 +41,7 @@ def save_pretrained(model: DiffusionLM, path: str | os.PathLike, *, state_dict: 
             cfg["backbone"] = backbone
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         (tmp / "softmask_head.json").write_text(json.dumps(model.sm_head.values(), indent=2))
+        os.chmod(tmp / "model.safetensors", 0o644)  # safetensors writes it 0600; a checkpoint is meant to be shared
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

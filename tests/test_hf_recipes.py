@@ -92,3 +92,34 @@ def test_training_stage_estimate_counts_the_real_model():
     assert est["n_params"] == sum(p.numel() for p in model.parameters())
     assert est["largest_layer_params"] == max(p.numel() for p in model.parameters())
     assert est["total_gpus"] == cfg.scaling.num_workers and "GiB per GPU" in est["summary"]
+
+
+def test_qwen_coder_recipes_load_as_typed_configs():
+    """The small code recipes (issue 8): SM DoRA fine-tune of the imported Qwen2.5-Coder with ZeRO-3 on 2 CPU workers,
+    on the stdlib code corpus tokenized with the model's own tokenizer."""
+    from infra.config import from_dict, load_config
+    from pipelines.preprocess import PreprocessConfig
+    from workers.train_config import TrainConfig
+
+    root = RECIPE.parent
+    cfg = load_config(TrainConfig, root / "finetune_qwen_coder_sm.yaml")
+    assert cfg.model.backbone == "hf" and cfg.deepspeed.zero_stage == 3 and cfg.scaling.num_workers == 2
+    assert (cfg.objective.kind, cfg.objective.k, cfg.objective.t_min, cfg.objective.t_max) == ("sm", 1, 0.2, 0.8)
+    assert cfg.finetune.freeze_backbone and cfg.finetune.use_dora and cfg.finetune.lora_r == 16
+    assert cfg.finetune.lora_targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    pre = from_dict(PreprocessConfig, yaml.safe_load((root / "preprocess_code_qwen.yaml").read_text())["preprocess"])
+    assert pre.sources[0].path == "corpus://python-stdlib" and pre.output == cfg.data.manifest
+    assert pre.tokenizer == cfg.init_checkpoint
+
+
+def test_python_stdlib_corpus_is_real_code(tmp_path):
+    import ast
+
+    from pipelines.corpus import ensure_corpus
+
+    root = ensure_corpus("python-stdlib", cache=tmp_path)
+    files = sorted(root.glob("*.py.txt"))
+    assert len(files) > 150 and (root / "json.decoder.py.txt").is_file()
+    assert not any(f.name.startswith(("test.", "idlelib.")) for f in files)
+    ast.parse((root / "json.decoder.py.txt").read_text())  # the module's source, unchanged
+    assert ensure_corpus("python-stdlib", cache=tmp_path) == root  # cached: returned as is

@@ -29,6 +29,12 @@ def test_round_trip_identical_logits(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
+def test_checkpoint_files_are_readable_by_others(tmp_path):
+    out = models.save_pretrained(models.build_model(models.ModelConfig.from_flavor("debug")), tmp_path / "ck")
+    for f in out.iterdir():
+        assert f.stat().st_mode & 0o044 == 0o044, f"{f.name} is not group/other-readable"
+
+
 def test_load_rejects_mismatch_and_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         models.load_pretrained(tmp_path)

@@ -95,6 +95,19 @@ def test_unknown_key_and_derived_values():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # the dict that travels to the workers round-trips
 
 
+def test_relative_local_paths_reach_the_workers_absolute(monkeypatch, tmp_path):
+    """Ray workers run in their own directories: the stage hands them absolute local paths, URIs unchanged."""
+    from pipelines.train import _absolute_local_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _absolute_local_paths(train_cfg("datasets/d", mode="continue", init_checkpoint="hf/model",
+                                          checkpoint={"storage_path": "runs"}))
+    assert cfg.data.manifest == str(tmp_path / "datasets/d") and cfg.init_checkpoint == str(tmp_path / "hf/model")
+    assert cfg.resolved_output_dir == f"{tmp_path}/runs/unit/output"
+    remote = _absolute_local_paths(train_cfg("s3://b/d", checkpoint={"storage_path": "s3://b/runs"}))
+    assert remote.data.manifest == "s3://b/d" and remote.storage_run_uri == "s3://b/runs/unit"
+
+
 def test_recipes_load_and_validate():
     from workers.train_config import TrainConfig
 
