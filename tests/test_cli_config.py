@@ -14,7 +14,8 @@ RECIPES = {
     "demo_cpu.yaml": "run", "debug_cpu.yaml": "run", "finetune_deploy.yaml": "run",
     "preprocess_shakespeare.yaml": "preprocess", "train_debug.yaml": "train", "continue_sm.yaml": "train",
     "finetune_sft.yaml": "train", "finetune_dream7b_sm.yaml": "train", "pretrain_owt_small.yaml": "run",
-    "adapt_smollm2_cpu.yaml": "train",
+    "adapt_smollm2_cpu.yaml": "train", "finetune_qwen_coder_sm.yaml": "train",
+    "preprocess_code_qwen.yaml": "preprocess",
     "serve_debug.yaml": "serve",
     "experiment_micro.yaml": "experiment", "sm_vs_binary.yaml": "experiment",
 }
