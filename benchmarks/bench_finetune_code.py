@@ -44,7 +44,7 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::Deprecati
 from bench_hf_adapt import (autocast_for, fixed_noise_elbo, machine_info, plot_losses, set_sm_scale,  # noqa: E402
                             token_blocks, train_phase)
 
-SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__", "lib2to3", "turtledemo"}
+from pipelines.corpus import STDLIB_SKIP_DIRS as SKIP_DIRS  # noqa: E402  (one definition of "stdlib code")
 
 
 # ------------------------------------------------------------------------------------------------------ data
