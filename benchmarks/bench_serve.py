@@ -157,15 +157,20 @@ def paired_overhead(url: str, direct: DirectSampler, body: dict, pairs: int) -> 
     machine's speed that separate medians are not."""
     import urllib.request
 
-    ratios, http_s, direct_s = [], [], []
-    for i in range(pairs):
-        d = direct(i)
+    def over_http(i: int) -> float:
         req = urllib.request.Request(url, json.dumps({**body, "prompt": direct.prompts[i % len(direct.prompts)],
                                                       "seed": i}).encode(), {"Content-Type": "application/json"})
         t0 = time.perf_counter()
         with urllib.request.urlopen(req, timeout=600) as r:
             r.read()
-        h = time.perf_counter() - t0
+        return time.perf_counter() - t0
+
+    ratios, http_s, direct_s = [], [], []
+    for i in range(pairs):  # alternate which of the two goes first: neither always runs on a just-idle machine
+        if i % 2:
+            h, d = over_http(i), direct(i)
+        else:
+            d, h = direct(i), over_http(i)
         ratios.append(h / d)
         http_s.append(h)
         direct_s.append(d)
@@ -189,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-gpus", type=float, default=0.0,
                     help="GPUs per sampler replica; > 0 decodes on CUDA (the direct baseline too)")
     ap.add_argument("--baseline-repeats", type=int, default=10)
+    ap.add_argument("--warmup-requests", type=int, default=16, help="requests sent to each new deployment first")
     ap.add_argument("--paired", type=int, default=20,
                     help="pairs (direct call, HTTP request) for the c=1 overhead goal; 0 = compare separate medians")
     ap.add_argument("--out", default=None, help="also write the JSON here (stdout may carry Ray's log lines)")
@@ -232,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = run(cfg)
                 try:
                     url = result.completions_url
-                    asyncio.run(load_level(url, prompts, 2, body, 4, 30))  # warm-up
+                    # warm-up: every canvas length of the prompts once or more, as the direct sampler had
+                    asyncio.run(load_level(url, prompts, 2, body, args.warmup_requests, 60))
                     if args.paired:
                         res[f"paired_overhead_{mode}"] = paired_overhead(url, direct, body, args.paired)
                     res[f"batching_{mode}"] = [

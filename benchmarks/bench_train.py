@@ -112,7 +112,8 @@ def _worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
     rss0 = psutil.Process().memory_info().rss
     torch.manual_seed(0)
     from models import ModelConfig, build_model
-    from models.objective import ObjectiveConfig, training_loss, uses_two_pass
+    from models.compile import compiled_token_nll
+    from models.objective import ObjectiveConfig, token_nll, training_loss, uses_two_pass
     from models.optim import param_groups
 
     from infra.deepspeed import (DeepSpeedConfig, build_ds_config, build_engine, gather_for_init, partitioned_init,
@@ -232,7 +233,8 @@ def bench_memory(steps: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------- one device
 def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, device_name: str | None,
-              objective: str = "sm", compile_blocks: bool = False, profile_out: str | None = None) -> dict:
+              objective: str = "sm", compile_blocks: bool = False, profile_out: str | None = None,
+              check_grad_overflow: bool = True, compile_loss: bool = False) -> dict:
     """Single process DeepSpeed ZeRO-2 (bf16 on GPU, fp32 on CPU): tokens/s and MFU."""
     import torch
     import torch.distributed as dist
@@ -243,7 +245,8 @@ def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, de
     dist.init_process_group("nccl" if on_gpu else "gloo", rank=0, world_size=1)
     torch.manual_seed(0)
     from models import ModelConfig, build_model
-    from models.objective import ObjectiveConfig, training_loss, uses_two_pass
+    from models.compile import compiled_token_nll
+    from models.objective import ObjectiveConfig, token_nll, training_loss, uses_two_pass
     from models.optim import param_groups
 
     from infra.deepspeed import DeepSpeedConfig, build_ds_config, build_engine
@@ -258,10 +261,11 @@ def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, de
         from models.compile import compile_blocks as compile_model_blocks
 
         compile_model_blocks(model)
-    ds = DeepSpeedConfig(zero_stage=2)
+    ds = DeepSpeedConfig(zero_stage=2, check_grad_overflow=check_grad_overflow)
     engine = build_engine(model, param_groups(model, 3e-4, 0.0, 1e-2),
                           build_ds_config(ds, micro_batch=micro, grad_accum=1, world_size=1, on_gpu=on_gpu), ds)
     obj = ObjectiveConfig(kind="sm", p_sm=0.8) if objective == "sm" else ObjectiveConfig(kind=objective)
+    nll = compiled_token_nll() if compile_loss else token_nll
     gen = torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     times, two_passes = [], 0
@@ -270,7 +274,7 @@ def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, de
         sync()
         t0 = time.perf_counter()
         two = uses_two_pass(obj, 0, step)
-        loss, _ = training_loss(engine, x0, obj, seed=0, step=step, two_pass=two)
+        loss, _ = training_loss(engine, x0, obj, seed=0, step=step, two_pass=two, nll=nll)
         engine.backward(loss)
         engine.step()
         sync()
@@ -284,7 +288,8 @@ def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, de
         with profile(activities=acts) as prof:
             for step in range(warmup + steps, warmup + steps + 3):
                 x0 = torch.randint(0, 50257, (micro, seq_len), generator=gen).to(engine.device)
-                loss, _ = training_loss(engine, x0, obj, seed=0, step=step, two_pass=uses_two_pass(obj, 0, step))
+                loss, _ = training_loss(engine, x0, obj, seed=0, step=step, two_pass=uses_two_pass(obj, 0, step),
+                                        nll=nll)
                 engine.backward(loss)
                 engine.step()
             sync()
@@ -298,7 +303,8 @@ def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, de
     frac_two = two_passes / max(1, len(times))
     res = {"device": name, "flavor": flavor, "n_params": n_params, "seq_len": seq_len, "micro_batch": micro,
            "precision": "bf16" if on_gpu else "fp32", "zero_stage": 2, "steps_timed": len(times),
-           "objective": objective, "compiled_blocks": compile_blocks,
+           "objective": objective, "compiled_blocks": compile_blocks, "check_grad_overflow": check_grad_overflow,
+           "compiled_loss": compile_loss,
            "tokens_per_s": tok_s, "two_pass_fraction": frac_two, "final_loss": loss.item()}
     if peak:
         res["peak_bf16_flops"] = peak
@@ -323,13 +329,18 @@ def main(argv=None) -> int:
     ap.add_argument("--objective", default="sm", help="gpu section: sm (p_sm 0.8) | binary | selfcond")
     ap.add_argument("--compile", action="store_true", help="gpu section: torch.compile each transformer block")
     ap.add_argument("--profile", default=None, help="gpu section: write a torch.profiler table of 3 more steps here")
+    ap.add_argument("--compile-loss", action="store_true",
+                    help="gpu section: the per-token cross-entropy compiled (models.compile.compiled_token_nll)")
+    ap.add_argument("--no-overflow-check", action="store_true",
+                    help="gpu section: DeepSpeed bf16 check_grad_overflow off (no per-gradient inf/NaN test)")
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
     real_stdout, sys.stdout = sys.stdout, sys.stderr  # stdout carries only the JSON result
     out: dict = {"host_cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}
     if "gpu" in only:
         out["gpu"] = bench_gpu(args.flavor, args.seq_len, args.micro, args.steps, args.warmup, args.device_name,
-                               args.objective, args.compile, args.profile)
+                               args.objective, args.compile, args.profile, not args.no_overflow_check,
+                               args.compile_loss)
     if "ddp" in only:
         out["ddp_vs_zero2"] = bench_ddp(args.steps)
     if "memory" in only:

@@ -31,6 +31,9 @@ class DeepSpeedConfig:
                                                   "activation memory, about +30% compute)")
     offload_optimizer: bool = field(False, "ZeRO-Offload: keep fp32 master weights and Adam states in CPU memory "
                                            "(stage >= 1; stepped by the client torch AdamW, never DeepSpeedCPUAdam)")
+    check_grad_overflow: bool = field(True, "bf16: test every gradient for inf/NaN before the step and skip the "
+                                            "step if any (DeepSpeed's default; costs ~5 kernel launches per parameter "
+                                            "tensor and a host sync every step)")
     overlap_comm: bool = field(False, "overlap gradient reduction with the backward pass (GPU; no gain on gloo)")
     reduce_bucket_size: int = field(50_000_000, "elements per gradient reduce bucket (ZeRO 1-3)")
     stage3_prefetch_bucket_size: int = field(20_000_000, "elements of parameters prefetched ahead (ZeRO-3)")
@@ -81,7 +84,8 @@ def build_ds_config(ds: DeepSpeedConfig, *, micro_batch: int, grad_accum: int, w
         "train_batch_size": micro_batch * grad_accum * world_size,
         "gradient_clipping": ds.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": resolve_bf16(ds, on_gpu)},
+        "bf16": ({"enabled": True, "check_grad_overflow": ds.check_grad_overflow} if resolve_bf16(ds, on_gpu)
+                 else {"enabled": False}),
         "zero_allow_untested_optimizer": True,      # the client torch AdamW
         "zero_force_ds_cpu_optimizer": False,       # offload with the client AdamW (no cpu_adam JIT compile)
         "steps_per_print": 10 ** 9,                 # we log ourselves

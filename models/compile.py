@@ -1,11 +1,17 @@
-"""torch.compile applied to a finished model, per transformer block (torchtitan style).
+"""torch.compile applied to a finished model, per transformer block (torchtitan style), and to the loss.
 
 Blocks see fixed shapes (B, L, d) every step, so each compiles once; the rest of the model (the soft-mask head, the
-masked-row gather of pass 1, the loss) keeps eager execution and its data-dependent shapes.
+masked-row gather of pass 1) keeps eager execution and its data-dependent shapes. The per-token cross-entropy is
+compiled separately with a dynamic row count (the number of masked rows changes every step).
 """
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
 from torch import nn
+
+from models.objective import token_nll
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
@@ -16,3 +22,11 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     for block in blocks:
         block.compile(**compile_kwargs)  # in place: parameter names (and checkpoints) stay unchanged
     return len(blocks)
+
+
+def compiled_token_nll(**compile_kwargs) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """:func:`models.objective.token_nll` compiled for any number of rows: the fp32 cast, log-sum-exp and target
+    gather fuse into one reduction over the bf16 logits and the backward into one elementwise kernel, where eager
+    PyTorch writes and re-reads fp32 (M, V) temporaries (~50 bytes per logit per step on a 50k vocabulary).
+    Pass it as ``training_loss(..., nll=...)``."""
+    return torch.compile(token_nll, dynamic=True, **compile_kwargs)

@@ -8,8 +8,9 @@ suppressed.
 - two_pass=True (training): pass 1 under no_grad on the same x_t with pure masks gives the feedback, pass 2 runs with
   gradients to the backbone and the SM scalars (ω reach the loss only through λ in pass 2).
 - masked_only=True: logits (M, V) of the still-masked rows of x_t only (row-major, = logits[x_t == mask]); the output
-  layer and everything after it then run on ~half the positions (the loss reads nothing else). ``rows`` (B, L) bool
-  selects any other set of positions the same way (the samplers ask for the ones they will read).
+  layer and everything after it then run on ~half the positions (the loss reads nothing else); ``rows`` may then pass
+  ``flat_rows(x_t == mask)`` in, computed once by the caller. Otherwise ``rows`` (B, L) bool, or its flat indices (M,)
+  from :func:`flat_rows`, selects any other set of positions the same way (the samplers ask for the ones they read).
 Unmasked positions carry their token over (SUBS); consumers (loss, samplers) only read masked rows.
 """
 from __future__ import annotations
@@ -26,6 +27,12 @@ from models.config import ModelConfig
 from models.softmask import SoftMaskHead
 
 NEG_INF = -1e6  # finite "−∞" for the [MASK] logit (as MDLM): keeps softmax/entropy NaN-free
+
+
+def flat_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Row-major flat indices (M,) of the True positions of a (B, L) mask: ``h.flatten(0, 1)[flat_rows(m)]`` equals
+    ``h[m]``. Computing them is one device->host wait; every gather by them afterwards is asynchronous."""
+    return mask.reshape(-1).nonzero().squeeze(1)
 
 
 @dataclass
@@ -75,11 +82,14 @@ class DiffusionLM(nn.Module):
                 nn.init.zeros_(self.sc_proj.weight)
 
     def _predict(self, inputs, t, extra=None, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, L, V), or (M, V) for the positions selected by the boolean ``rows`` (B, L)."""
+        """Logits (B, L, V), or (M, V) for the positions selected by ``rows``: a boolean (B, L) mask, or the flat
+        row-major indices (M,) of its True positions (``flat_rows``; gathers by index never wait for the device)."""
         if rows is None:
             logits = self.backbone(inputs, t, extra)  # (B, L, V)
         else:
-            logits = self.backbone.lm_head(self.backbone.hidden(inputs, t, extra)[rows])  # (M, V)
+            h = self.backbone.hidden(inputs, t, extra)  # (B, L, d)
+            h = h[rows] if rows.dtype == torch.bool else h.flatten(0, 1).index_select(0, rows)  # (M, d)
+            logits = self.backbone.lm_head(h)  # (M, V)
         logits[..., self.mask_id] = NEG_INF  # SUBS: never predict [MASK]
         if logits.shape[-1] > self.config.vocab_size:
             logits[..., self.config.vocab_size:] = NEG_INF  # padding rows (vocab_pad_multiple) are not tokens
@@ -109,21 +119,23 @@ class DiffusionLM(nn.Module):
         return (ids, w), None
 
     @torch.no_grad()
-    def _pass_one_sm_input(self, x_t: torch.Tensor, t):
-        """Pass 1 for SM training: logits only for still-masked rows (the head reads nothing else)."""
-        masked = x_t == self.mask_id  # (B, L)
-        z = self.backbone.lm_head(self.backbone.hidden(x_t, t)[masked])  # (M, V)
+    def _pass_one_sm_input(self, x_t: torch.Tensor, t, flat: torch.Tensor) -> torch.Tensor:
+        """Pass 1 for SM training: logits (M, V) only for the still-masked rows ``flat`` (the head reads nothing
+        else)."""
+        z = self.backbone.lm_head(self.backbone.hidden(x_t, t).flatten(0, 1).index_select(0, flat))  # (M, V)
         z[:, self.mask_id] = NEG_INF
-        return masked, z
+        return z
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | None = None, *, two_pass: bool = False,
                 prev_logits: torch.Tensor | MaskedLogits | None = None, masked_only: bool = False,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
-        if masked_only:
-            rows = x_t == self.mask_id  # (B, L)
+        if masked_only:  # ``rows`` may bring flat_rows(x_t == mask) in already (the training loss has it)
+            rows = flat_rows(x_t == self.mask_id) if rows is None else rows  # (M,): this forward's one host wait
         if prev_logits is None and two_pass and self.sc_proj is None:
-            masked, z = self._pass_one_sm_input(x_t, t)  # pass 1: same x_t, pure masks, current θ, no grad
-            ids, w = self.sm_head.mix(x_t, masked, z)  # grads reach ω through w only
+            masked = x_t == self.mask_id  # (B, L)
+            flat = rows if masked_only else flat_rows(masked)
+            z = self._pass_one_sm_input(x_t, t, flat)  # pass 1: same x_t, pure masks, current θ, no grad
+            ids, w = self.sm_head.mix(x_t, masked, z, flat)  # grads reach ω through w only
             del z
             self.last_stats = {"lambda_mean": self.sm_head.last_lambda}
             return self._predict((ids, w), t, rows=rows)  # pass 2

@@ -8,10 +8,12 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from models.diffusion_lm import flat_rows
 from models.schedule import build_schedule, mask_tokens, sample_t
 
 OBJECTIVES = ("binary", "sm", "self_cond")
@@ -63,11 +65,24 @@ def elbo_terms(logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: tor
     return out
 
 
+def token_nll(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """−log softmax(z)[target] (M,) in fp32, from logits z (M, V) of any float dtype.
+
+    Eager, this materialises fp32 copies of z (cast, log-softmax, and their gradients); ``models.compile.
+    compiled_token_nll`` fuses it into one reduction forward and one elementwise backward."""
+    return F.cross_entropy(z.float(), target, reduction="none")
+
+
+NLL = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def masked_elbo_terms(z: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
-                      schedule) -> torch.Tensor:
-    """w(t)·(−log p_θ(x0)) (M,) for the masked rows only, given their logits z (M, V) (``masked_only`` forward)."""
-    nll = F.cross_entropy(z.float(), x0[masked], reduction="none")  # (M,)
-    weight = schedule.weight(t.to(z.device)).unsqueeze(-1).expand_as(masked)[masked]  # (M,)
+                      schedule, nll: NLL = token_nll) -> torch.Tensor:
+    """w(t)·(−log p_θ(x0)) (M,) for the masked rows only, given their logits z (M, V) (``masked_only`` forward).
+    ``masked`` is the (B, L) mask or its flat row-major indices (M,) (``models.diffusion_lm.flat_rows``)."""
+    flat = masked.reshape(-1).nonzero().squeeze(1) if masked.dtype == torch.bool else masked  # (M,)
+    nll = nll(z, x0.reshape(-1).index_select(0, flat))  # (M,)
+    weight = schedule.weight(t.to(z.device)).index_select(0, flat // x0.shape[1])  # (M,): w(t) of each row's sample
     return weight * nll
 
 
@@ -82,8 +97,9 @@ def _noised(x0, obj, seed, step, rank, world, loss_mask, mask_id):
 
 def training_loss(model, x0: torch.Tensor, obj: ObjectiveConfig, *, seed: int, step: int, rank: int = 0,
                   world: int = 1, loss_mask: torch.Tensor | None = None, two_pass: bool | None = None,
-                  mask_id: int | None = None):
-    """(loss, metrics). ``model`` is a DiffusionLM or anything with its forward (a DeepSpeed engine).
+                  mask_id: int | None = None, nll: NLL = token_nll):
+    """(loss, metrics). ``model`` is a DiffusionLM or anything with its forward (a DeepSpeed engine); ``nll``: the
+    per-token cross-entropy (:func:`token_nll`, or its compiled form from ``models.compile.compiled_token_nll``).
 
     loss = Σ_masked w(t)·NLL / #scored tokens (the per-token ELBO estimate). ``loss_mask`` (B, L): 1 where a token
     may be masked and is scored, 0 for prompt tokens / ignored padding (never masked).
@@ -94,14 +110,17 @@ def training_loss(model, x0: torch.Tensor, obj: ObjectiveConfig, *, seed: int, s
         two_pass = uses_two_pass(obj, seed, step)
     t, x_t, schedule = _noised(x0, obj, seed, step, rank, world, loss_mask, mask_id)
     masked = x_t == mask_id  # (B, L)
-    z = model(x_t, t, two_pass=two_pass, masked_only=True)  # (M, V): the output layer runs on masked rows only
-    terms = masked_elbo_terms(z, x0, masked, t, schedule)
+    flat = flat_rows(masked)  # (M,): the step's one wait for the device; every gather below is by index
+    z = model(x_t, t, two_pass=two_pass, masked_only=True, rows=flat)  # (M, V): output layer on masked rows only
+    terms = masked_elbo_terms(z, x0, flat, t, schedule, nll)
     denom = loss_mask.sum().clamp_min(1) if loss_mask is not None else torch.tensor(x0.numel())
     loss = terms.sum() / denom.to(terms.device)
-    metrics = {"loss": loss.detach().item(), "masked_frac": masked.float().mean().item(),
-               "two_pass": float(two_pass), "t_mean": t.mean().item()}
+    # 0-dim tensors, not floats: reading them (float(), .item()) waits for the device, so callers do it only when
+    # they log; a step that is not logged never stalls on its metrics
+    metrics = {"loss": loss.detach(), "masked_frac": masked.float().mean(), "two_pass": float(two_pass),
+               "t_mean": t.mean()}
     if two_pass and "lambda_mean" in inner.last_stats:
-        metrics["lambda_mean"] = float(inner.last_stats["lambda_mean"])
+        metrics["lambda_mean"] = inner.last_stats["lambda_mean"].detach()
     return loss, metrics
 
 

@@ -118,8 +118,10 @@ class SoftMaskHead(nn.Module):
         z = logits.reshape(-1, logits.shape[-1]) if bool(masked.all()) else logits[masked]  # view when all masked
         return self.mix(x_t, masked, z)
 
-    def mix(self, x_t: torch.Tensor, masked: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Same as forward, given only the still-masked rows' logits z (M, V) (M = masked.sum())."""
+    def mix(self, x_t: torch.Tensor, masked: torch.Tensor, z: torch.Tensor,
+            flat: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same as forward, given only the still-masked rows' logits z (M, V) (M = masked.sum()); ``flat`` (M,) may
+        pass ``masked.flatten().nonzero()`` in when the caller already has it."""
         B, L = x_t.shape
         V = z.shape[-1]
         K = self.k if self.k is not None else V
@@ -138,7 +140,10 @@ class SoftMaskHead(nn.Module):
             neg_h, top_z, top_ids = entropy_topk(z, self.k)  # the prediction is a constant (pass 1 is detached)
             lam = self.lam(neg_h)  # (M,) — gradients reach ω only through λ
             pi = torch.softmax(top_z, dim=-1)  # renormalised top-k probabilities
-        ids[masked] = torch.cat([x_t[masked].unsqueeze(-1), top_ids], dim=-1)
-        w = w.masked_scatter(masked.unsqueeze(-1), torch.cat([(1 - lam).unsqueeze(-1), lam.unsqueeze(-1) * pi], -1))
+        # one flat index of the masked rows (M,): every gather/scatter below is then sync-free on an accelerator
+        flat = masked.reshape(-1).nonzero().squeeze(1) if flat is None else flat
+        ids.view(B * L, K + 1)[flat] = torch.cat([x_t.reshape(-1)[flat].unsqueeze(-1), top_ids], dim=-1)
+        fed = torch.cat([(1 - lam).unsqueeze(-1), lam.unsqueeze(-1) * pi], -1)  # (M, K+1), carries grads to ω
+        w = w.view(B * L, K + 1).index_put((flat,), fed).view(B, L, K + 1)
         self.last_lambda = lam.detach().mean()
         return ids, w

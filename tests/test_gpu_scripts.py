@@ -1,6 +1,8 @@
-"""The prepared one-GPU code benchmark runs end to end on CPU at toy size (issue 8: "leave the script ready and tested
-on CPU at toy size"): adaptation, SM and binary DoRA fine-tunes, HumanEval at 1/4 and 1/2 NFE, JSON + loss plots."""
+"""The prepared one-GPU scripts run end to end on CPU at toy size ("leave the script ready and tested on CPU at toy
+size"): the code benchmark (adaptation, SM and binary DoRA fine-tunes, HumanEval at 1/4 and 1/2 NFE, JSON + loss
+plots) and the training sweep."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,3 +25,22 @@ def test_gpu_finetune_code_script_toy_run(tmp_path):
         assert he["nfe_0.5"]["total"] == he["nfe_0.5"]["passed"] + sum(
             n for s, n in he["nfe_0.5"]["statuses"].items() if s != "passed")
     assert all(Path(p).is_file() for p in report["plots"])
+
+
+def test_gpu_train_sweep_script_toy_run_keeps_going_past_a_failed_run(tmp_path):
+    """benchmarks/gpu_train_sweep.sh (issue 4's device sweep) at toy size on CPU: one JSON line per run, a run that
+    fails is recorded as failed and the next one still runs."""
+    result = tmp_path / "sweep.jsonl"
+    env = {**os.environ, "TOY": "1", "RESULT": str(result), "PYTHON": sys.executable,
+           "SWEEP": "bad:2:--objective,nonsense bin:2:--objective,binary,--no-overflow-check,--compile-loss"}
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_train_sweep.sh")], env=env, capture_output=True,
+                       text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(line) for line in result.read_text().splitlines()]
+    assert [d["name"] for d in lines] == ["bad", "bin"]
+    assert lines[0]["failed"] is True
+    ok = lines[1]
+    assert ok["objective"] == "binary" and ok["check_grad_overflow"] is False and ok["compiled_loss"] is True
+    assert ok["steps_timed"] == 3
+    assert ok["tokens_per_s"] > 0 and math.isfinite(ok["final_loss"])
+    assert "== bad" in (tmp_path / "sweep.err").read_text()

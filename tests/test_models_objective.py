@@ -146,21 +146,31 @@ def test_padded_vocab_is_never_predicted_or_sampled():
     assert int(out.tokens.max()) < 999
 
 
+def _model_with_visible_feedback(**over):
+    """Debug model in eval mode with λ well away from 0, so the SM input differs from pure masks."""
+    torch.manual_seed(0)
+    model = models.build_model(models.ModelConfig.from_flavor("debug", **over)).eval()
+    with torch.no_grad():
+        model.sm_head.raw_scale.fill_(1.5)
+        model.sm_head.raw_centre.fill_(20.0)
+    return model
+
+
+def _noised_batch(model, seed: int, ts: list[float], length: int):
+    """(x0, t, x_t, masked) for one random batch, one row per time in ``ts``."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(0, model.config.vocab_size - 1, (len(ts), length), generator=g)
+    t = torch.tensor(ts)
+    x_t = mask_tokens(x0, t, LogLinear(), model.mask_id, g)
+    return x0, t, x_t, x_t == model.mask_id
+
+
 @pytest.mark.parametrize("self_conditioning", [False, True])
 def test_masked_only_forward_matches_full_logits_and_the_loss_is_unchanged(self_conditioning):
     from models.objective import masked_elbo_terms
 
-    torch.manual_seed(0)
-    cfg = models.ModelConfig.from_flavor("debug", self_conditioning=self_conditioning)
-    model = models.build_model(cfg).eval()
-    with torch.no_grad():
-        model.sm_head.raw_scale.fill_(1.5)  # λ well away from 0 so the SM input differs from pure masks
-        model.sm_head.raw_centre.fill_(20.0)
-    g = torch.Generator().manual_seed(3)
-    x0 = torch.randint(0, cfg.vocab_size - 1, (3, 32), generator=g)
-    t = torch.tensor([0.3, 0.6, 0.9])
-    x_t = mask_tokens(x0, t, LogLinear(), model.mask_id, g)
-    masked = x_t == model.mask_id
+    model = _model_with_visible_feedback(self_conditioning=self_conditioning)
+    x0, t, x_t, masked = _noised_batch(model, 3, [0.3, 0.6, 0.9], 32)
     for two_pass in (False, True):
         with torch.no_grad():
             full = model(x_t, t, two_pass=two_pass)
@@ -170,3 +180,63 @@ def test_masked_only_forward_matches_full_logits_and_the_loss_is_unchanged(self_
         torch.testing.assert_close(masked_elbo_terms(rows, x0, masked, t, LogLinear()),
                                    elbo_terms(full, x0, x_t, t, LogLinear(), model.mask_id)[masked],
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_flat_row_indices_select_what_the_boolean_mask_selects_and_metrics_stay_on_the_device():
+    """The training path gathers masked rows by flat index (one device->host wait per forward instead of one per
+    boolean index): rows by index == rows by mask, for the core model, the SM head's feedback and the ELBO terms."""
+    from models.diffusion_lm import flat_rows
+    from models.objective import masked_elbo_terms
+
+    model = _model_with_visible_feedback()
+    x0, t, x_t, masked = _noised_batch(model, 4, [0.2, 0.5, 0.95], 24)
+    flat = flat_rows(masked)
+    assert flat.dtype == torch.long and flat.tolist() == [i for i, m in enumerate(masked.flatten().tolist()) if m]
+    with torch.no_grad():
+        by_mask = model(x_t, t, rows=masked)
+        by_index = model(x_t, t, rows=flat)
+        torch.testing.assert_close(by_index, by_mask, atol=0, rtol=0)
+        z = by_mask
+        ids_a, w_a = model.sm_head.mix(x_t, masked, z)
+        ids_b, w_b = model.sm_head.mix(x_t, masked, z, flat)
+    assert torch.equal(ids_a, ids_b) and torch.equal(w_a, w_b)
+    assert torch.equal(ids_a[~masked][:, 0], x_t[~masked]) and bool((w_a[~masked][:, 0] == 1).all())
+    assert torch.equal(ids_a[masked][:, 0], x_t[masked])  # slot 0 of a masked row is [MASK] with weight 1 - λ
+    torch.testing.assert_close(w_a[masked].sum(-1), torch.ones(int(masked.sum())))
+    torch.testing.assert_close(masked_elbo_terms(z, x0, flat, t, LogLinear()),
+                               masked_elbo_terms(z, x0, masked, t, LogLinear()), atol=0, rtol=0)
+    loss, m = training_loss(model, x0, ObjectiveConfig(kind="sm", p_sm=1.0), seed=0, step=0, two_pass=True)
+    assert all(isinstance(m[k], torch.Tensor) and m[k].dim() == 0 for k in ("loss", "masked_frac", "t_mean",
+                                                                              "lambda_mean"))
+    assert float(m["loss"]) == pytest.approx(loss.item()) and 0 < float(m["lambda_mean"]) < 1
+
+
+def test_compiled_blocks_and_loss_train_exactly_like_eager():
+    """models.compile: blocks compiled in place and the compiled per-token NLL (dynamic row count: the masked rows
+    change every step) give the eager losses and gradients, for two-pass SM and single-pass steps."""
+    from models.compile import compile_blocks, compiled_token_nll
+    from models.objective import token_nll
+
+    torch.manual_seed(0)
+    cfg = models.ModelConfig.from_flavor("debug")
+    eager = models.build_model(cfg)
+    compiled = models.build_model(cfg)
+    compiled.load_state_dict(eager.state_dict())
+    names = [n for n, _ in compiled.named_parameters()]
+    assert compile_blocks(compiled) == cfg.n_layers
+    assert [n for n, _ in compiled.named_parameters()] == names  # checkpoints keep their keys
+    nll = compiled_token_nll()
+    z = torch.randn(7, 50, dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randint(0, 50, (7,))
+    torch.testing.assert_close(nll(z, target), token_nll(z, target), atol=1e-5, rtol=1e-5)
+    x0 = torch.randint(0, cfg.vocab_size - 1, (2, 48))
+    obj = ObjectiveConfig(kind="sm", p_sm=1.0)
+    for step, two_pass in enumerate((True, False, True)):  # each step masks a different number of rows
+        a, _ = training_loss(compiled, x0, obj, seed=0, step=step, two_pass=two_pass, nll=nll)
+        b, _ = training_loss(eager, x0, obj, seed=0, step=step, two_pass=two_pass)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        a.backward()
+        b.backward()
+    for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)

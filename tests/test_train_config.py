@@ -79,6 +79,8 @@ def dataset(tmp_path_factory) -> str:
     ({"objective": {"kind": "binary"}, "finetune": {"freeze_backbone": True}}, "finetune.freeze_backbone"),
     ({"objective": {"p_sm": 1.5}}, "p_sm"),
     ({"data": {"manifest": ""}}, "data.manifest"),
+    ({"model": {"compile": True}, "deepspeed": {"zero_stage": 3}}, "model.compile"),
+    ({"model": {"backbone": "hf", "compile": True}}, "compile"),
 ])
 def test_config_errors_name_the_field(over, field_name):
     with pytest.raises(ConfigError, match=field_name.replace(".", r"\.")):
@@ -151,8 +153,10 @@ def test_ds_config_and_schedules():
     assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"]["stage"] == 3 and "stage3_prefetch_bucket_size" in ds["zero_optimization"]
     assert ds["bf16"]["enabled"] is False  # auto -> fp32 on CPU
-    assert build_ds_config(DeepSpeedConfig(), micro_batch=1, grad_accum=1, world_size=1, on_gpu=True)["bf16"][
-        "enabled"] is True
+    assert build_ds_config(DeepSpeedConfig(), micro_batch=1, grad_accum=1, world_size=1, on_gpu=True)["bf16"] == {
+        "enabled": True, "check_grad_overflow": True}  # DeepSpeed's default, kept unless the recipe turns it off
+    assert build_ds_config(DeepSpeedConfig(check_grad_overflow=False), micro_batch=1, grad_accum=1, world_size=1,
+                           on_gpu=True)["bf16"]["check_grad_overflow"] is False
     assert "optimizer" not in ds  # always the client torch AdamW (no JIT-compiled DeepSpeed Adam)
     const = lr_lambda("constant", 4, 100)
     assert [const(s) for s in (0, 3, 50)] == [0.25, 1.0, 1.0]

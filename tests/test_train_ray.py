@@ -137,11 +137,12 @@ def test_zero3_sm_survives_worker_kill_and_replays_exactly(ray_session, datasets
 
 @pytest.fixture(scope="module")
 def binary_run(ray_session, datasets, tmp_path_factory):
-    """Binary MDLM pretraining: 1 worker, ZeRO-0, Ray Data streaming loader."""
+    """Binary MDLM pretraining: 1 worker, ZeRO-0, Ray Data streaming loader, blocks and loss compiled."""
     from pipelines.train import run
 
     cfg = make_cfg(datasets["pretrain"], str(tmp_path_factory.mktemp("bin") / "runs"), "binary", steps=8,
                    global_batch=4, eval_every=8, objective={"kind": "binary"}, data={"loader": "ray_data"},
+                   model={"compile": True},
                    scaling={"num_workers": 1}, deepspeed={"zero_stage": 0}, checkpoint={"every": 8})
     return run(cfg)
 
@@ -152,6 +153,7 @@ def test_binary_pretrain_with_ray_data(binary_run):
     assert sorted(losses) == list(range(1, 9))
     assert (losses[7] + losses[8]) / 2 < (losses[1] + losses[2]) / 2 - 0.5
     assert all(r["two_pass"] == 0.0 for r in recs if r["kind"] == "train")  # binary: never two-pass
+    assert [r["compiled"] for r in recs if r["kind"] == "setup"] == [True]  # model.compile reached the worker
     assert all(0 < r["grad_norm"] < 1e4 for r in recs if r["kind"] == "train")  # ZeRO-0 too reports its norm
     assert [r for r in recs if r["kind"] == "val"][-1].keys() >= {"val_ppl"}
     assert check_export_samples(binary_run.export_uri)["objective"] == "binary"

@@ -32,8 +32,11 @@ class ModelSection:
     hf_config: dict[str, Any] = field(None, "hf, mode pretrain: transformers config of a randomly initialised model "
                                             "(model_type, hidden_size, ...; vocab_size >= the tokenizer's)",
                                       factory=dict)
+    compile: bool = field(False, "torch.compile every transformer block and the per-token loss (core backbone, ZeRO "
+                                 "0-2): for GPU runs; on CPU the first step spends ~20 s or more compiling")
 
     def __post_init__(self) -> None:
+        require(not (self.compile and self.backbone != "core"), "compile", "is only available for backbone core")
         if self.backbone == "core":
             require(not self.hf_config, "hf_config", "only applies to backbone hf")
         elif self.hf_config:
@@ -191,6 +194,8 @@ class TrainConfig:
             require(not ft.freeze_backbone, "finetune.freeze_backbone", "a frozen backbone without adapters is not "
                                                                         "supported with deepspeed.zero_stage 3 (use "
                                                                         "stage 2, or LoRA/DoRA)")
+        require(not (self.model.compile and self.deepspeed.zero_stage == 3), "model.compile",
+                "is not supported with deepspeed.zero_stage 3 (its parameter gathering hooks; use stage 0-2)")
         if self.deepspeed.offload_optimizer:
             require(self.scaling.use_gpu, "deepspeed.offload_optimizer", "offloads to CPU memory: only meaningful "
                                                                          "with scaling.use_gpu")

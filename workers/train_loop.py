@@ -128,7 +128,8 @@ def _allreduce_mean(torch, values: dict[str, float], world: int, device) -> dict
     import torch.distributed as dist
 
     keys = sorted(values)
-    buf = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    # values may be device tensors (training_loss metrics): one stack, one read-back for all of them
+    buf = torch.stack([torch.as_tensor(values[k], device=device).to(torch.float64).reshape(()) for k in keys])
     if world > 1:
         dist.all_reduce(buf)
     return {k: float(v) / world for k, v in zip(keys, buf.tolist())}
@@ -166,7 +167,8 @@ def train_loop(config: dict) -> None:
     torch = _setup_process(cfg)
     import ray.train
     from models.ema import EMA
-    from models.objective import training_loss, uses_two_pass
+    from models.compile import compile_blocks, compiled_token_nll
+    from models.objective import token_nll, training_loss, uses_two_pass
     from models.optim import param_groups
 
     from infra.deepspeed import (NamedTensors, build_ds_config, build_engine, full_fp32_params, global_grad_norm,
@@ -183,6 +185,10 @@ def train_loop(config: dict) -> None:
     ds_cfg = build_ds_config(cfg.deepspeed, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, world_size=world,
                              on_gpu=cfg.scaling.use_gpu)
     model = _build_model(cfg, plan, ds_cfg)
+    nll = token_nll
+    if cfg.model.compile:  # in place, after adapters: parameter names and checkpoints stay as they are
+        compile_blocks(model)
+        nll = compiled_token_nll()
     groups = param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.objective.sm_lr)
     t_engine = time.perf_counter()
     engine = build_engine(model, groups, ds_cfg, cfg.deepspeed, schedule=cfg.optim.schedule,
@@ -224,8 +230,8 @@ def train_loop(config: dict) -> None:
         dist.all_gather_object(pids, os.getpid())
     else:
         pids = [os.getpid()]
-    sink.log(step, {"setup_s": time.perf_counter() - t_start, "engine_s": t_engine, "world": world, "pids": pids},
-             kind="setup")
+    sink.log(step, {"setup_s": time.perf_counter() - t_start, "engine_s": t_engine, "world": world, "pids": pids,
+                    "compiled": cfg.model.compile}, kind="setup")
     probe = _SftProbe(engine.module, engine.module.mask_id) if with_mask else None
     accum, tokens_per_step = cfg.grad_accum, cfg.global_batch * plan.seq_len
     eval_due = (lambda s: s == cfg.steps or (cfg.eval_every and s % cfg.eval_every == 0))
@@ -245,7 +251,7 @@ def train_loop(config: dict) -> None:
             torch.manual_seed(_seed(cfg.seed, gstep, rank, "dropout"))
             two_pass = uses_two_pass(obj, cfg.seed, gstep)
             loss, m = training_loss(engine, x0, obj, seed=cfg.seed, step=gstep, rank=rank, world=world,
-                                    loss_mask=lm, two_pass=two_pass)
+                                    loss_mask=lm, two_pass=two_pass, nll=nll)
             engine.backward(loss)
             pre_norm = grad_norm_before_step(engine) if micro == accum - 1 else None
             engine.step()
