@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from models.objective import token_nll
+from models.softmask import neg_entropy
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
@@ -30,3 +31,17 @@ def compiled_token_nll(**compile_kwargs) -> Callable[[torch.Tensor, torch.Tensor
     PyTorch writes and re-reads fp32 (M, V) temporaries (~50 bytes per logit per step on a 50k vocabulary).
     Pass it as ``training_loss(..., nll=...)``."""
     return torch.compile(token_nll, dynamic=True, **compile_kwargs)
+
+
+def compile_softmask_head(model: nn.Module, **compile_kwargs) -> None:
+    """Compile the SM head's entropy (−H over the full vocabulary of every still-masked row, once per two-pass step):
+    one fused reduction over the bf16 logits instead of fp32 cast, log-softmax, exp and dot as separate passes."""
+    model.sm_head.neg_entropy_fn = torch.compile(neg_entropy, dynamic=True, **compile_kwargs)
+
+
+def compile_model(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Everything above applied to a finished DiffusionLM (core backbone): the blocks and the SM head's entropy in
+    place; returns the compiled per-token loss to pass as ``training_loss(..., nll=...)``."""
+    compile_blocks(model)
+    compile_softmask_head(model)
+    return compiled_token_nll()

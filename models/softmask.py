@@ -9,6 +9,7 @@ by gathering k+1 rows. Entropy, top-k and λ are computed only on masked rows, i
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -43,25 +44,34 @@ def _rows_per_chunk(z: torch.Tensor) -> int:
     return max(32, (256 << 20) // (4 * z.shape[-1]))
 
 
+def neg_entropy(z: torch.Tensor) -> torch.Tensor:
+    """−H(softmax(z)) (m,) in fp32 for logits z (m, V) of any float dtype: one log_softmax, one exp, one dot.
+    ``models.compile.compile_softmask_head`` swaps in a compiled copy (one fused reduction over the bf16 logits)."""
+    logp = torch.log_softmax(z.float(), dim=-1)  # (m, V)
+    return torch.linalg.vecdot(logp.exp(), logp)
+
+
 @torch.no_grad()
-def entropy_topk(z: torch.Tensor, k: int, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def entropy_topk(z: torch.Tensor, k: int, chunk: int | None = None,
+                 neg_entropy_fn: Callable[[torch.Tensor], torch.Tensor] = neg_entropy,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(−H, top-k logits, top-k ids) of each row of z (M, V), fp32, in row chunks.
 
     One fused log_softmax, one exp and one dot per chunk: on a 50k vocabulary this reads each row ~4 times while it
-    is still in cache (CPU) or in few large kernels (GPU), instead of materialising several (M, V) temporaries."""
+    is still in cache (CPU) or in few large kernels (GPU), instead of materialising several (M, V) temporaries. The
+    top-k runs on z's own dtype (bf16 on a GPU: half the bytes; the fp32 cast of a bf16 value is exact)."""
     M = z.shape[0]
     chunk = chunk or _rows_per_chunk(z)
     neg_h = torch.empty(M, device=z.device, dtype=torch.float32)
     top_z = torch.empty(M, k, device=z.device, dtype=torch.float32)
     top_i = torch.empty(M, k, device=z.device, dtype=torch.long)
     for s in range(0, M, chunk):
-        zc = z[s:s + chunk].float()
-        logp = torch.log_softmax(zc, dim=-1)  # (m, V)
-        neg_h[s:s + chunk] = torch.linalg.vecdot(logp.exp(), logp)
+        zc = z[s:s + chunk]
+        neg_h[s:s + chunk] = neg_entropy_fn(zc)
         if k == 1:
-            torch.max(zc, dim=-1, keepdim=True, out=(top_z[s:s + chunk], top_i[s:s + chunk]))
+            top_z[s:s + chunk], top_i[s:s + chunk] = torch.max(zc, dim=-1, keepdim=True)
         else:
-            torch.topk(zc, k, dim=-1, out=(top_z[s:s + chunk], top_i[s:s + chunk]))
+            top_z[s:s + chunk], top_i[s:s + chunk] = torch.topk(zc, k, dim=-1)
     bad = torch.isnan(neg_h)
     if bad.any():  # −inf logits give 0·(−inf): redo those rows with a finite stand-in (rare path, one sync)
         neg_h[bad] = -entropy_from_logits(z[bad])
@@ -83,6 +93,7 @@ class SoftMaskHead(nn.Module):
         self.raw_centre = nn.Parameter(torch.tensor(_inv_softplus(-omega_b - _EPS)))  # ω_b = −softplus(raw) − ε
         self.raw_steepness = nn.Parameter(torch.tensor(_inv_softplus(omega_a - _EPS)))  # ω_a = softplus(raw) + ε
         self.raw_temperature = (nn.Parameter(torch.tensor(_inv_softplus(temperature - _EPS))) if k is None else None)
+        self.neg_entropy_fn: Callable[[torch.Tensor], torch.Tensor] = neg_entropy  # top-k path; see neg_entropy
 
     @property
     def omega_s(self) -> torch.Tensor:
@@ -137,7 +148,7 @@ class SoftMaskHead(nn.Module):
             top_ids = torch.arange(V, device=z.device).expand(z.shape[0], V)
             pi = torch.softmax(z, dim=-1)
         else:
-            neg_h, top_z, top_ids = entropy_topk(z, self.k)  # the prediction is a constant (pass 1 is detached)
+            neg_h, top_z, top_ids = entropy_topk(z, self.k, neg_entropy_fn=self.neg_entropy_fn)  # z is a constant
             lam = self.lam(neg_h)  # (M,) — gradients reach ω only through λ
             pi = torch.softmax(top_z, dim=-1)  # renormalised top-k probabilities
         # one flat index of the masked rows (M,): every gather/scatter below is then sync-free on an accelerator

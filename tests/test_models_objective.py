@@ -211,30 +211,33 @@ def test_flat_row_indices_select_what_the_boolean_mask_selects_and_metrics_stay_
     assert float(m["loss"]) == pytest.approx(loss.item()) and 0 < float(m["lambda_mean"]) < 1
 
 
-def test_compiled_blocks_and_loss_train_exactly_like_eager():
-    """models.compile: blocks compiled in place and the compiled per-token NLL (dynamic row count: the masked rows
-    change every step) give the eager losses and gradients, for two-pass SM and single-pass steps."""
-    from models.compile import compile_blocks, compiled_token_nll
+def test_compiled_model_and_loss_train_exactly_like_eager():
+    """models.compile.compile_model: blocks and the SM head's entropy compiled in place, and the compiled per-token
+    NLL (dynamic row count: the masked rows change every step) give the eager losses and gradients, for two-pass SM
+    (λ well away from 0, so the entropy matters) and single-pass steps."""
+    from models.compile import compile_model
     from models.objective import token_nll
 
-    torch.manual_seed(0)
-    cfg = models.ModelConfig.from_flavor("debug")
-    eager = models.build_model(cfg)
-    compiled = models.build_model(cfg)
+    eager = _model_with_visible_feedback()
+    cfg = eager.config
+    compiled = models.build_model(cfg).eval()
     compiled.load_state_dict(eager.state_dict())
     names = [n for n, _ in compiled.named_parameters()]
-    assert compile_blocks(compiled) == cfg.n_layers
+    nll = compile_model(compiled)
     assert [n for n, _ in compiled.named_parameters()] == names  # checkpoints keep their keys
-    nll = compiled_token_nll()
+    assert compiled.sm_head.neg_entropy_fn is not eager.sm_head.neg_entropy_fn
     z = torch.randn(7, 50, dtype=torch.bfloat16, requires_grad=True)
     target = torch.randint(0, 50, (7,))
     torch.testing.assert_close(nll(z, target), token_nll(z, target), atol=1e-5, rtol=1e-5)
     x0 = torch.randint(0, cfg.vocab_size - 1, (2, 48))
     obj = ObjectiveConfig(kind="sm", p_sm=1.0)
     for step, two_pass in enumerate((True, False, True)):  # each step masks a different number of rows
-        a, _ = training_loss(compiled, x0, obj, seed=0, step=step, two_pass=two_pass, nll=nll)
-        b, _ = training_loss(eager, x0, obj, seed=0, step=step, two_pass=two_pass)
+        a, ma = training_loss(compiled, x0, obj, seed=0, step=step, two_pass=two_pass, nll=nll)
+        b, mb = training_loss(eager, x0, obj, seed=0, step=step, two_pass=two_pass)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        if two_pass:
+            lam = float(mb["lambda_mean"])
+            assert lam > 0.05 and float(ma["lambda_mean"]) == pytest.approx(lam)
         a.backward()
         b.backward()
     for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):

@@ -125,6 +125,12 @@ def test_entropy_topk_chunking_and_infinite_logits(k):
         vals, idx = torch.topk(z, k, dim=-1)
         torch.testing.assert_close(top_z, vals)
         assert torch.equal(top_i, idx)
+    zb = z.to(torch.bfloat16)  # GPU training: bf16 logits, top-k on them directly, entropy in fp32
+    neg_h, top_z, top_i = entropy_topk(zb, k, 16)
+    assert top_z.dtype == torch.float32 and torch.isfinite(neg_h).all()
+    torch.testing.assert_close(top_z, torch.topk(zb.float(), k, dim=-1).values, atol=0, rtol=0)
+    pb = torch.softmax(zb.float(), -1)
+    torch.testing.assert_close(-neg_h, -(pb * torch.log(pb.clamp_min(1e-45))).sum(-1), rtol=1e-4, atol=1e-5)
 
 
 def test_sparse_embed_half_precision_matches_fp32():

@@ -32,8 +32,9 @@ class ModelSection:
     hf_config: dict[str, Any] = field(None, "hf, mode pretrain: transformers config of a randomly initialised model "
                                             "(model_type, hidden_size, ...; vocab_size >= the tokenizer's)",
                                       factory=dict)
-    compile: bool = field(False, "torch.compile every transformer block and the per-token loss (core backbone, ZeRO "
-                                 "0-2): for GPU runs; on CPU the first step spends ~20 s or more compiling")
+    compile: bool = field(False, "torch.compile every transformer block, the SM head's entropy and the per-token "
+                                 "loss (models.compile.compile_model; core backbone, ZeRO 0-2): for GPU runs; on CPU "
+                                 "the first steps spend ~20 s or more compiling")
 
     def __post_init__(self) -> None:
         require(not (self.compile and self.backbone != "core"), "compile", "is only available for backbone core")

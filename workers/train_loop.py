@@ -167,7 +167,7 @@ def train_loop(config: dict) -> None:
     torch = _setup_process(cfg)
     import ray.train
     from models.ema import EMA
-    from models.compile import compile_blocks, compiled_token_nll
+    from models.compile import compile_model
     from models.objective import token_nll, training_loss, uses_two_pass
     from models.optim import param_groups
 
@@ -185,10 +185,8 @@ def train_loop(config: dict) -> None:
     ds_cfg = build_ds_config(cfg.deepspeed, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, world_size=world,
                              on_gpu=cfg.scaling.use_gpu)
     model = _build_model(cfg, plan, ds_cfg)
-    nll = token_nll
-    if cfg.model.compile:  # in place, after adapters: parameter names and checkpoints stay as they are
-        compile_blocks(model)
-        nll = compiled_token_nll()
+    # in place, after adapters: parameter names and checkpoints stay as they are
+    nll = compile_model(model) if cfg.model.compile else token_nll
     groups = param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.objective.sm_lr)
     t_engine = time.perf_counter()
     engine = build_engine(model, groups, ds_cfg, cfg.deepspeed, schedule=cfg.optim.schedule,
