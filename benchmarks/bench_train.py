@@ -112,8 +112,7 @@ def _worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
     rss0 = psutil.Process().memory_info().rss
     torch.manual_seed(0)
     from models import ModelConfig, build_model
-    from models.compile import compile_softmask_head, compiled_token_nll
-    from models.objective import ObjectiveConfig, token_nll, training_loss, uses_two_pass
+    from models.objective import ObjectiveConfig, training_loss, uses_two_pass
     from models.optim import param_groups
 
     from infra.deepspeed import (DeepSpeedConfig, build_ds_config, build_engine, gather_for_init, partitioned_init,
@@ -245,6 +244,7 @@ def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, de
     dist.init_process_group("nccl" if on_gpu else "gloo", rank=0, world_size=1)
     torch.manual_seed(0)
     from models import ModelConfig, build_model
+    from models.compile import compile_blocks as compile_model_blocks
     from models.compile import compile_softmask_head, compiled_token_nll
     from models.objective import ObjectiveConfig, token_nll, training_loss, uses_two_pass
     from models.optim import param_groups
@@ -258,8 +258,6 @@ def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, de
     model = build_model(mcfg)
     n_params = sum(p.numel() for p in model.parameters())
     if compile_blocks:
-        from models.compile import compile_blocks as compile_model_blocks
-
         compile_model_blocks(model)
     ds = DeepSpeedConfig(zero_stage=2, check_grad_overflow=check_grad_overflow)
     engine = build_engine(model, param_groups(model, 3e-4, 0.0, 1e-2),

@@ -10,7 +10,8 @@ suppressed.
 - masked_only=True: logits (M, V) of the still-masked rows of x_t only (row-major, = logits[x_t == mask]); the output
   layer and everything after it then run on ~half the positions (the loss reads nothing else); ``rows`` may then pass
   ``flat_rows(x_t == mask)`` in, computed once by the caller. Otherwise ``rows`` (B, L) bool, or its flat indices (M,)
-  from :func:`flat_rows`, selects any other set of positions the same way (the samplers ask for the ones they read).
+  from ``models.schedule.flat_rows``, selects any other set of positions the same way (the samplers ask for the ones
+  they read).
 Unmasked positions carry their token over (SUBS); consumers (loss, samplers) only read masked rows.
 """
 from __future__ import annotations
@@ -24,15 +25,10 @@ import torch.nn as nn
 
 from models.backbone import Backbone, Gather, no_gather, sparse_embed
 from models.config import ModelConfig
+from models.schedule import flat_rows
 from models.softmask import SoftMaskHead
 
 NEG_INF = -1e6  # finite "−∞" for the [MASK] logit (as MDLM): keeps softmax/entropy NaN-free
-
-
-def flat_rows(mask: torch.Tensor) -> torch.Tensor:
-    """Row-major flat indices (M,) of the True positions of a (B, L) mask: ``h.flatten(0, 1)[flat_rows(m)]`` equals
-    ``h[m]``. Computing them is one device->host wait; every gather by them afterwards is asynchronous."""
-    return mask.reshape(-1).nonzero().squeeze(1)
 
 
 @dataclass

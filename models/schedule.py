@@ -66,3 +66,9 @@ def mask_tokens(x0: torch.Tensor, t: torch.Tensor, schedule, mask_id: int, gener
     if maskable is not None:
         masked &= maskable.bool()
     return torch.where(masked, torch.full_like(x0, mask_id), x0)
+
+
+def flat_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Row-major flat indices (M,) of the True positions of a (B, L) mask: ``h.flatten(0, 1)[flat_rows(m)]`` equals
+    ``h[m]``. Computing them is one device->host wait; every gather by them afterwards is asynchronous."""
+    return mask.reshape(-1).nonzero().squeeze(1)

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.schedule import flat_rows
+
 _EPS = 1e-6
 
 
@@ -132,7 +134,7 @@ class SoftMaskHead(nn.Module):
     def mix(self, x_t: torch.Tensor, masked: torch.Tensor, z: torch.Tensor,
             flat: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Same as forward, given only the still-masked rows' logits z (M, V) (M = masked.sum()); ``flat`` (M,) may
-        pass ``masked.flatten().nonzero()`` in when the caller already has it."""
+        pass ``flat_rows(masked)`` in when the caller already has it."""
         B, L = x_t.shape
         V = z.shape[-1]
         K = self.k if self.k is not None else V
@@ -152,7 +154,7 @@ class SoftMaskHead(nn.Module):
             lam = self.lam(neg_h)  # (M,) — gradients reach ω only through λ
             pi = torch.softmax(top_z, dim=-1)  # renormalised top-k probabilities
         # one flat index of the masked rows (M,): every gather/scatter below is then sync-free on an accelerator
-        flat = masked.reshape(-1).nonzero().squeeze(1) if flat is None else flat
+        flat = flat_rows(masked) if flat is None else flat
         ids.view(B * L, K + 1)[flat] = torch.cat([x_t.reshape(-1)[flat].unsqueeze(-1), top_ids], dim=-1)
         fed = torch.cat([(1 - lam).unsqueeze(-1), lam.unsqueeze(-1) * pi], -1)  # (M, K+1), carries grads to ω
         w = w.view(B * L, K + 1).index_put((flat,), fed).view(B, L, K + 1)
