@@ -428,8 +428,12 @@ def execute(cfg: PreprocessConfig) -> PreprocessResult:
     jobs = plan_shards(cfg, files, settings_hash, so)
     receipts = {j["index"]: r for j in jobs if (r := _receipt(out, j, so)) is not None}
     pending = [j for j in jobs if j["index"] not in receipts]
-    keep = {sh["path"] for r in receipts.values() for sh in r["shards"].values()}
-    _cleanup(out, keep, {f"_progress/shard-{j['index']:05d}.json" for j in jobs}, so)
+    planned_receipts = {f"_progress/shard-{j['index']:05d}.json" for j in jobs}
+
+    def cleanup() -> None:  # everything but the shards of the receipts in hand and the planned receipts
+        _cleanup(out, {sh["path"] for r in receipts.values() for sh in r["shards"].values()}, planned_receipts, so)
+
+    cleanup()
     total_bytes = sum(fp["bytes"] for fp in files if fp["kind"] in ("text", "jsonl"))
     done_bytes = sum(p["end"] - p["start"] for j in jobs if j["index"] in receipts
                      for p in j["pieces"] if p["kind"] in ("text", "jsonl"))
@@ -453,6 +457,7 @@ def execute(cfg: PreprocessConfig) -> PreprocessResult:
 
                 ray.shutdown()
         receipts.update({r["index"]: r for r in new})
+        cleanup()  # a worker killed mid-write (Ray retried its task) left its temp file behind
     work_s = time.monotonic() - t_work
     manifest = _build_manifest(cfg, out, tok, jobs, receipts, skipped, examples, chash, cver, sources, ocfg, so)
     run_tokens = sum(sum(receipts[j["index"]]["stats"]["doc_tokens"].values()) for j in pending)
