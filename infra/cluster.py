@@ -19,11 +19,55 @@ import time
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 
+import psutil
+
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _group_processes(pgid: int) -> list[psutil.Process]:
+    """Live (non-zombie) processes of one process group."""
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (OSError, psutil.Error):
+            pass  # gone meanwhile
+    return out
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _is_raylet(p: psutil.Process) -> bool:
+    return Path((_cmdline(p) or [""])[0]).name == "raylet"
+
+
+def _is_ray_start(p: psutil.Process) -> bool:
+    cmd = _cmdline(p)
+    return len(cmd) > 2 and Path(cmd[1]).name == "ray" and cmd[2] == "start"
+
+
+def _signal(p: psutil.Process, sig: int) -> None:
+    try:
+        p.send_signal(sig)
+    except psutil.Error:
+        pass
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _ray_bin() -> str:
@@ -94,10 +138,10 @@ class LocalRayCluster:
         self._launch(args, "worker")
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if self.alive_nodes() > before:
-                return
             self._check_alive()
-            time.sleep(1.0)
+            if self._started(self.nodes[-1]) and self.alive_nodes() > before:
+                return
+            time.sleep(0.2 if not self._started(self.nodes[-1]) else 1.0)
         raise TimeoutError(f"worker node did not join {self.address} within {timeout:.0f}s ({self.nodes[-1]['log']})")
 
     def _check_alive(self) -> None:
@@ -118,34 +162,48 @@ class LocalRayCluster:
         except (ValueError, IndexError):
             return 0
 
+    def _started(self, node: dict) -> bool:
+        """`ray start` has logged that its node is up (cheaper than a driver asking the GCS)."""
+        try:
+            return b"Ray runtime started." in Path(node["log"]).read_bytes()
+        except OSError:
+            return False
+
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             self._check_alive()
-            with socket.socket() as s:
-                s.settimeout(1.0)
-                if s.connect_ex((self.host, self.port)) == 0:
-                    if self.alive_nodes() >= 1:
+            if self._started(self.nodes[-1]):
+                with socket.socket() as s:
+                    s.settimeout(1.0)
+                    if s.connect_ex((self.host, self.port)) == 0:
                         return
-            time.sleep(1.0)
+            time.sleep(0.2)
         raise TimeoutError(f"Ray head did not come up on {self.address} within {timeout:.0f}s")
 
     def stop(self, grace: float = 10.0) -> None:
-        """Stop every node we started: SIGTERM to each process group, then SIGKILL after ``grace`` seconds."""
-        for n in reversed(self.nodes):
-            try:
-                os.killpg(n["pgid"], signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        """Stop every node we started, in the order that lets each part exit at once.
+
+        Every raylet gets SIGTERM first, worker nodes before the head, while the head's GCS still answers: a raylet
+        drains and exits in ~0.1 s then, but waits ~10 s for a GCS that is itself shutting down (what one SIGTERM to
+        the whole group does). Then SIGTERM to each node's process group (GCS, dashboard, agents, leftover workers),
+        a short wait, and SIGKILL for what is left: `ray start --block` itself never exits on SIGTERM.
+        """
         deadline = time.time() + grace
+        raylets = [p for n in reversed(self.nodes) for p in _group_processes(n["pgid"]) if _is_raylet(p)]
+        for p in raylets:
+            _signal(p, signal.SIGTERM)
+        psutil.wait_procs(raylets, timeout=max(0.1, deadline - time.time()))
         for n in reversed(self.nodes):
+            _killpg(n["pgid"], signal.SIGTERM)
+        settle = time.time() + min(2.0, max(0.1, deadline - time.time()))
+        for n in reversed(self.nodes):
+            while time.time() < settle and any(not _is_ray_start(p) for p in _group_processes(n["pgid"])):
+                time.sleep(0.05)
+            _killpg(n["pgid"], signal.SIGKILL)
             try:
-                n["proc"].wait(timeout=max(0.1, deadline - time.time()))
+                n["proc"].wait(timeout=5)
             except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(n["pgid"], signal.SIGKILL)
-            except ProcessLookupError:
                 pass
         self.nodes.clear()
 

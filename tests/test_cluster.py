@@ -5,10 +5,11 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 
-from infra.cluster import LocalRayCluster
+from infra.cluster import LocalRayCluster, _group_processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -40,5 +41,12 @@ def test_train_stage_spreads_over_two_nodes(tmp_path):
         train_ips = {ip for cls, ip in rows if "TrainWorker" in cls}
         assert train_ips == {"127.0.0.2", "127.0.0.3"}, rows
     finally:
+        groups = [n["pgid"] for n in cluster.nodes]
+        t0 = time.monotonic()
         cluster.stop()
+        took = time.monotonic() - t0
     assert not subprocess.run(["pgrep", "-f", f"--port={cluster.port}"], capture_output=True).stdout
+    assert [p.pid for g in groups for p in _group_processes(g)] == []  # both nodes, every process of theirs
+    # raylets first while the GCS answers: a prompt stop (one SIGTERM to everything made each raylet wait ~10 s for
+    # a GCS that was shutting down too, and `ray start --block` never exits on SIGTERM)
+    assert took < 8, took
