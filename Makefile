@@ -16,6 +16,9 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 export PREFECT_HOME ?= $(CURDIR)/.prefect
+# DeepSpeed's JIT-built ops (warmed by `install`) per checkout: another venv on the host would rebuild them in the
+# shared ~/.cache/torch_extensions, and a process killed mid-build leaves a lock that every later load waits on forever.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: install test test-fast run bench code-model clean-venv
 

@@ -233,7 +233,7 @@ def bench_memory(steps: int) -> dict:
 # ------------------------------------------------------------------------------------------------- one device
 def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, device_name: str | None,
               objective: str = "sm", compile_blocks: bool = False, profile_out: str | None = None,
-              check_grad_overflow: bool = True, compile_loss: bool = False) -> dict:
+              check_grad_overflow: bool = True, compile_loss: bool = False, fused_adam: str = "auto") -> dict:
     """Single process DeepSpeed ZeRO-2 (bf16 on GPU, fp32 on CPU): tokens/s and MFU."""
     import torch
     import torch.distributed as dist
@@ -259,7 +259,7 @@ def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, de
     n_params = sum(p.numel() for p in model.parameters())
     if compile_blocks:
         compile_model_blocks(model)
-    ds = DeepSpeedConfig(zero_stage=2, check_grad_overflow=check_grad_overflow)
+    ds = DeepSpeedConfig(zero_stage=2, check_grad_overflow=check_grad_overflow, fused_adam=fused_adam)
     engine = build_engine(model, param_groups(model, 3e-4, 0.0, 1e-2),
                           build_ds_config(ds, micro_batch=micro, grad_accum=1, world_size=1, on_gpu=on_gpu), ds)
     obj = ObjectiveConfig(kind="sm", p_sm=0.8) if objective == "sm" else ObjectiveConfig(kind=objective)
@@ -302,10 +302,11 @@ def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, de
     name = device_name or (torch.cuda.get_device_name(0) if on_gpu else "cpu")
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     frac_two = two_passes / max(1, len(times))
+    client_adam = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the client AdamW
     res = {"device": name, "flavor": flavor, "n_params": n_params, "seq_len": seq_len, "micro_batch": micro,
            "precision": "bf16" if on_gpu else "fp32", "zero_stage": 2, "steps_timed": len(times),
            "objective": objective, "compiled_blocks": compile_blocks, "check_grad_overflow": check_grad_overflow,
-           "compiled_loss": compile_loss,
+           "compiled_loss": compile_loss, "fused_adam": bool(client_adam.defaults.get("fused")),
            "tokens_per_s": tok_s, "two_pass_fraction": frac_two, "final_loss": loss.item()}
     if peak:
         res["peak_bf16_flops"] = peak
@@ -334,6 +335,8 @@ def main(argv=None) -> int:
                     help="gpu section: the per-token cross-entropy and the SM head's entropy compiled")
     ap.add_argument("--no-overflow-check", action="store_true",
                     help="gpu section: DeepSpeed bf16 check_grad_overflow off (no per-gradient inf/NaN test)")
+    ap.add_argument("--fused-adam", default="auto", choices=("auto", "on", "off"),
+                    help="gpu section: torch AdamW's fused kernel (auto: on CUDA)")
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
     real_stdout, sys.stdout = sys.stdout, sys.stderr  # stdout carries only the JSON result
@@ -341,7 +344,7 @@ def main(argv=None) -> int:
     if "gpu" in only:
         out["gpu"] = bench_gpu(args.flavor, args.seq_len, args.micro, args.steps, args.warmup, args.device_name,
                                args.objective, args.compile, args.profile, not args.no_overflow_check,
-                               args.compile_loss)
+                               args.compile_loss, args.fused_adam)
     if "ddp" in only:
         out["ddp_vs_zero2"] = bench_ddp(args.steps)
     if "memory" in only:

@@ -13,11 +13,12 @@ RESULT=${RESULT:-${OUT:-/tmp}/train_sweep.jsonl}
 ERR=${RESULT%.jsonl}.err
 BUDGET_S=${BUDGET_S:-300}
 PER_RUN_S=${PER_RUN_S:-120}
-# default: session 5's two best configurations, each without and with the compiled loss, then the default settings
+# default: session 5's two best configurations, each without and with the compiled loss, then the default
+# settings (the AdamW is fused on CUDA by default since session 6; the last entry measures the foreach one)
 SWEEP=${SWEEP:-"bin-m64:64:--compile,--objective,binary,--no-overflow-check \
 bin-m64-closs:64:--compile,--compile-loss,--objective,binary,--no-overflow-check \
 sm-m64:64:--compile,--no-overflow-check sm-m64-closs:64:--compile,--compile-loss,--no-overflow-check \
-sm-m16-default:16:--compile"}
+sm-m16-default:16:--compile bin-m64-closs-foreach:64:--compile,--compile-loss,--objective,binary,--no-overflow-check,--fused-adam,off"}
 : >"$RESULT"
 : >"$ERR"
 start=$SECONDS

@@ -32,7 +32,8 @@ def test_gpu_train_sweep_script_toy_run_keeps_going_past_a_failed_run(tmp_path):
     fails is recorded as failed and the next one still runs."""
     result = tmp_path / "sweep.jsonl"
     env = {**os.environ, "TOY": "1", "RESULT": str(result), "PYTHON": sys.executable,
-           "SWEEP": "bad:2:--objective,nonsense bin:2:--objective,binary,--no-overflow-check,--compile-loss"}
+           "SWEEP": "bad:2:--objective,nonsense "
+                    "bin:2:--objective,binary,--no-overflow-check,--compile-loss,--fused-adam,on"}
     r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_train_sweep.sh")], env=env, capture_output=True,
                        text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -41,6 +42,7 @@ def test_gpu_train_sweep_script_toy_run_keeps_going_past_a_failed_run(tmp_path):
     assert lines[0]["failed"] is True
     ok = lines[1]
     assert ok["objective"] == "binary" and ok["check_grad_overflow"] is False and ok["compiled_loss"] is True
+    assert ok["fused_adam"] is True  # the fused AdamW (auto on CUDA) steps under ZeRO-2 (here its CPU kernel)
     assert ok["steps_timed"] == 3
     assert ok["tokens_per_s"] > 0 and math.isfinite(ok["final_loss"])
     assert "== bad" in (tmp_path / "sweep.err").read_text()

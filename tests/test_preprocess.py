@@ -18,7 +18,8 @@ import yaml
 
 from infra.config import ConfigError, field_docs, from_dict
 from models.tokenizer import MissingSpecialTokenError, load_tokenizer, train_bpe
-from pipelines.preprocess import BadInputError, PreprocessConfig, _byte_ranges, execute, run
+from pipelines.preprocess import BadInputError, PreprocessConfig, execute, run
+from pipelines.preprocess_plan import byte_ranges
 from workers import shard_io
 from workers.shard_io import DatasetManifest, read_split_table
 from workers.tokenize import TokenizeSettings, _read_text, is_validation
@@ -108,7 +109,7 @@ def test_byte_ranges_cut_at_document_boundaries(shk_slice, tmp_path):
     big.write_bytes(b"\n\n\n".join(p.read_bytes() for p in sorted(shk_slice.glob("*.txt"))[:4]))
     size = big.stat().st_size
     for mode, sep in (("paragraph", r"\n[ \t\r]*\n"), ("line", r"\n")):
-        ranges = _byte_ranges(str(big), size, 4096, mode, {})
+        ranges = byte_ranges(str(big), size, 4096, mode, {})
         assert len(ranges) > 10 and ranges[0][0] == 0 and ranges[-1][1] == size
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
         s = TokenizeSettings(mode="pretrain", seq_len=SEQ, tokenizer="gpt2", out_root="", text_document=mode)

@@ -167,6 +167,38 @@ def test_ds_config_and_schedules():
         lr_lambda("linear", 0, 10)
 
 
+def test_fused_adam_choice_and_same_steps_as_foreach():
+    import torch
+
+    from infra.deepspeed import build_optimizer
+
+    def groups(seed: int):
+        torch.manual_seed(seed)
+        w, b = torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(4))
+        return [{"params": [w], "lr": 1e-2, "weight_decay": 0.1}, {"params": [b], "lr": 5e-2, "weight_decay": 0.0}]
+
+    def fused(ds, device):
+        return build_optimizer(groups(0), ds, device).defaults["fused"]
+
+    assert fused(DeepSpeedConfig(), "cuda") is True  # auto: fused where the optimizer steps on CUDA
+    assert fused(DeepSpeedConfig(), "cpu") is None  # torch's default (foreach / for-loop)
+    assert fused(DeepSpeedConfig(zero_stage=2, offload_optimizer=True), "cuda") is None  # states live on the CPU
+    assert fused(DeepSpeedConfig(fused_adam="off"), "cuda") is None
+    assert fused(DeepSpeedConfig(fused_adam="on"), "cpu") is True
+    with pytest.raises(ConfigError, match="fused_adam"):
+        from_dict(DeepSpeedConfig, {"fused_adam": "yes"})
+    # the fused kernel takes each group's lr / weight decay and gives the same update (here its CPU kernel)
+    opts = [build_optimizer(groups(0), DeepSpeedConfig(fused_adam=m), "cpu") for m in ("on", "off")]
+    for step in range(3):
+        for opt in opts:
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    p.grad = torch.sin(p.detach() * (step + 1))
+            opt.step()
+    for ga, gb in zip(opts[0].param_groups, opts[1].param_groups):
+        torch.testing.assert_close(ga["params"][0], gb["params"][0])
+
+
 # ------------------------------------------------------------------------------------------ data reader
 def test_local_reader_partitions_and_resumes(dataset):
     from workers.shard_io import DatasetManifest
