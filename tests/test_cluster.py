@@ -49,4 +49,4 @@ def test_train_stage_spreads_over_two_nodes(tmp_path):
     assert [p.pid for g in groups for p in _group_processes(g)] == []  # both nodes, every process of theirs
     # raylets first while the GCS answers: a prompt stop (one SIGTERM to everything made each raylet wait ~10 s for
     # a GCS that was shutting down too, and `ray start --block` never exits on SIGTERM)
-    assert took < 8, took
+    assert took < 9, took  # the old stop always waited its whole 10 s grace
