@@ -139,9 +139,10 @@ class LocalRayCluster:
         deadline = time.time() + timeout
         while time.time() < deadline:
             self._check_alive()
-            if self._started(self.nodes[-1]) and self.alive_nodes() > before:
+            started = self._started(self.nodes[-1])  # then ask the GCS (a driver process) until it lists the node
+            if started and self.alive_nodes() > before:
                 return
-            time.sleep(0.2 if not self._started(self.nodes[-1]) else 1.0)
+            time.sleep(1.0 if started else 0.2)
         raise TimeoutError(f"worker node did not join {self.address} within {timeout:.0f}s ({self.nodes[-1]['log']})")
 
     def _check_alive(self) -> None:
