@@ -90,3 +90,42 @@ def init_ray(cfg: RayConfig | None = None, *, accelerator: str = "cpu", extra_en
         ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=cfg.include_dashboard,
                  dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=runtime_env)
     return True
+
+
+def state_api_available() -> bool:
+    """Whether the Ray this driver is connected to runs a dashboard, the server behind ``ray.util.state``."""
+    import ray
+
+    try:
+        return bool(ray._private.worker.get_dashboard_url())
+    except Exception:  # not connected, or a Ray without this helper: assume the worst case (no state API)
+        return False
+
+
+def torch_trainer_class():
+    """Ray Train's ``TorchTrainer``, fitted to the connected Ray.
+
+    Ray Train 2.60 starts a detached PlacementGroupCleaner per ``fit()`` that polls the controller's state through the
+    state API. Without a dashboard (``ray.init(include_dashboard=False)``, the default of :func:`init_ray`) each poll
+    waits 40 s and fails, so the cleaner can never clean, and every ``fit()`` ends by waiting 12 s for it to stop
+    ("Failed to stop PlacementGroupCleaner gracefully"). There the callback is left out; placement groups of a run
+    are still removed by the controller on a normal or failed exit, and with the driver's job otherwise.
+    """
+    from ray.train.torch import TorchTrainer
+
+    if state_api_available():
+        return TorchTrainer
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # another Ray version: nothing to leave out
+        return TorchTrainer
+    return _without_callbacks(TorchTrainer, PlacementGroupCleanerCallback)
+
+
+def _without_callbacks(trainer_cls, *dropped):
+    class Trainer(trainer_cls):
+        def _create_default_callbacks(self):
+            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, dropped)]
+
+    Trainer.__name__ = Trainer.__qualname__ = trainer_cls.__name__
+    return Trainer

@@ -57,8 +57,9 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan):
     """The TorchTrainer of a run (not started)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
+    from infra.ray_runtime import torch_trainer_class
     from workers.train_loop import train_loop
 
     resources = {"CPU": cfg.scaling.cpus_per_worker}
@@ -82,7 +83,7 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan):
         if cfg.data.shuffle:
             ds = ds.random_shuffle(seed=cfg.seed)
         datasets = {"train": ds}
-    return TorchTrainer(
+    return torch_trainer_class()(
         train_loop,
         train_loop_config={"train": cfg.to_dict(), "plan": plan.to_dict()},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,

@@ -40,6 +40,8 @@ def test_train_stage_spreads_over_two_nodes(tmp_path):
         rows = json.loads(q.stdout.strip().splitlines()[-1])
         train_ips = {ip for cls, ip in rows if "TrainWorker" in cls}
         assert train_ips == {"127.0.0.2", "127.0.0.3"}, rows
+        # this cluster runs a dashboard (the state API): Ray Train's placement-group cleaner is kept here
+        assert any(cls == "PlacementGroupCleaner" for cls, _ in rows), rows
     finally:
         groups = [n["pgid"] for n in cluster.nodes]
         t0 = time.monotonic()

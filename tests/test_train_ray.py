@@ -73,6 +73,25 @@ def datasets(tmp_path_factory):
     return {"pretrain": write_dataset(str(root / "pretrain")), "sft": write_dataset(str(root / "sft"), sft=True)}
 
 
+def test_trainer_leaves_out_the_placement_group_cleaner_only_without_a_dashboard(ray_session, datasets, tmp_path):
+    """The session's Ray has no dashboard, so Ray Train's PlacementGroupCleaner could never query the controller and
+    each fit would end waiting 12 s for it: our trainer leaves that one callback out, and keeps every other."""
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from infra.ray_runtime import state_api_available
+    from pipelines.train import build_trainer
+    from workers.train_config import preflight
+
+    assert not state_api_available()
+    cfg = make_cfg(datasets["pretrain"], str(tmp_path / "runs"), "callbacks")
+    trainer = build_trainer(cfg, preflight(cfg))
+    ours = [type(cb) for cb in trainer._create_default_callbacks()]
+    ray_default = [type(cb) for cb in super(type(trainer), trainer)._create_default_callbacks()]
+    assert PlacementGroupCleanerCallback in ray_default and PlacementGroupCleanerCallback not in ours
+    assert ours == [cb for cb in ray_default if cb is not PlacementGroupCleanerCallback]
+    assert type(trainer).__name__ == "TorchTrainer"
+
+
 def test_zero3_sm_survives_worker_kill_and_replays_exactly(ray_session, datasets, tmp_path):
     from pipelines.train import run
 
