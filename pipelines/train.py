@@ -130,11 +130,18 @@ def _absolute_local_paths(cfg: TrainConfig) -> TrainConfig:
         checkpoint=dataclasses.replace(cfg.checkpoint, storage_path=absolute(cfg.checkpoint.storage_path)))
 
 
-def run(cfg: TrainConfig) -> TrainResult:
-    """Train (or resume) the run described by ``cfg``; raises ConfigError before any worker starts on bad input."""
+def run(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+    """Train (or resume) the run described by ``cfg``; raises ConfigError before any worker starts on bad input.
+
+    ``progress``: print each metrics line of the run (every ``log_every`` steps, validations, restores) on this
+    process's stdout while it trains (:class:`pipelines.train_progress.ProgressPrinter`).
+    """
+    import contextlib
+
     import ray
 
     from infra.ray_runtime import init_ray
+    from pipelines.train_progress import ProgressPrinter
 
     t0 = time.perf_counter()
     cfg = _absolute_local_paths(cfg)
@@ -144,7 +151,10 @@ def run(cfg: TrainConfig) -> TrainResult:
     init_ray(accelerator="gpu" if cfg.scaling.use_gpu else "cpu")
     if not ray.is_initialized():  # pragma: no cover - init_ray either starts or joins Ray
         raise RuntimeError("Ray did not start")
-    result = build_trainer(cfg, plan).fit()
+    trainer = build_trainer(cfg, plan)
+    printer = ProgressPrinter(f"{cfg.resolved_output_dir.rstrip('/')}/metrics.jsonl", cfg.steps) if progress else None
+    with printer or contextlib.nullcontext():
+        result = trainer.fit()
     if result.error is not None:
         raise result.error
     ckpt = result.checkpoint

@@ -178,7 +178,7 @@ def test_binary_pretrain_with_ray_data(binary_run):
     assert check_export_samples(binary_run.export_uri)["objective"] == "binary"
 
 
-def test_continue_binary_to_sm_on_s3_stop_and_resume(binary_run, datasets, s3_server):
+def test_continue_binary_to_sm_on_s3_stop_and_resume(binary_run, datasets, s3_server, capsys):
     from models import load_pretrained
     from pipelines.train import run
     from workers.checkpointing import download_dir, list_checkpoints
@@ -187,7 +187,13 @@ def test_continue_binary_to_sm_on_s3_stop_and_resume(binary_run, datasets, s3_se
     common = dict(mode="continue", init_checkpoint=binary_run.export_uri, deepspeed={"zero_stage": 2},
                   objective={"kind": "sm"}, eval_every=0)
     first = run(make_cfg(datasets["pretrain"], "s3://train-ckpt/runs", "continue-sm", steps=3, **common))
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in printed if line.startswith("train step")] == \
+        [["train", "step", f"{k}/3"] for k in (1, 2, 3)], printed  # progress from the S3 metrics file
     second = run(make_cfg(datasets["pretrain"], "s3://train-ckpt/runs", "continue-sm", steps=6, **common))
+    printed = capsys.readouterr().out.splitlines()
+    assert "train restored (attempt 1) at step 3: 2 workers" in "\n".join(printed), printed
+    assert [line.split()[2] for line in printed if line.startswith("train step")] == ["4/6", "5/6", "6/6"], printed
     assert first.metrics["step"] == 3 and second.resumed_from_step == 3 and second.metrics["step"] == 6
     recs = records(second.output_uri)
     assert min(train_losses(recs, attempt=1)) == 4  # the second run went on from the step-3 checkpoint
