@@ -48,7 +48,8 @@ class ProgressPrinter:
 
         self.uri, self.total_steps, self._out = metrics_uri, total_steps, out
         self.fs, self.path = filesystem(metrics_uri)
-        self.interval_s = remote_interval_s if is_remote(metrics_uri) else interval_s
+        self.remote = is_remote(metrics_uri)
+        self.interval_s = remote_interval_s if self.remote else interval_s
         self.offset = self._size()
         self.printed = 0
         self._stop = threading.Event()
@@ -57,6 +58,8 @@ class ProgressPrinter:
 
     def _size(self) -> int:
         try:
+            if self.remote:  # another process rewrites the object: never answer from a listing cache
+                self.fs.invalidate_cache(self.path)
             return int(self.fs.size(self.path)) if self.fs.exists(self.path) else 0
         except Exception:  # any filesystem error (S3 included): try again at the next poll
             return 0

@@ -48,3 +48,25 @@ def test_missing_file_prints_nothing_until_it_appears(tmp_path):
         path.parent.mkdir()
         path.write_text(json.dumps({"step": 1, "kind": "train", "loss": 1.0}) + "\n")
     assert out.getvalue() == "train step 1/2  loss 1.0000\n"
+
+
+def test_follows_an_s3_object_rewritten_by_another_client(s3_server):
+    """What rank 0 does with an S3 output directory: upload the whole metrics file again at each checkpoint."""
+    import s3fs
+
+    from workers.checkpointing import filesystem
+
+    s3_server.create_bucket("progress-test")
+    uri = "s3://progress-test/run/output/metrics.jsonl"
+    fs, path = filesystem(uri)
+    writer = s3fs.S3FileSystem(**fs.storage_options, skip_instance_cache=True)
+    lines = [json.dumps({"step": k, "kind": "train", "loss": 1.0 / k}) + "\n" for k in (1, 2, 3)]
+    writer.pipe_file(path, lines[0].encode())
+    out = io.StringIO()
+    printer = ProgressPrinter(uri, 3, out=out, remote_interval_s=0.05)
+    assert printer.poll() == 0  # there before the run started
+    writer.pipe_file(path, "".join(lines[:2]).encode())
+    assert printer.poll() == 1
+    writer.pipe_file(path, "".join(lines).encode())
+    assert printer.poll() == 1
+    assert out.getvalue().splitlines() == ["train step 2/3  loss 0.5000", "train step 3/3  loss 0.3333"]
