@@ -13,20 +13,17 @@ import sys
 import threading
 
 
+# optional fields of a train line, in order: (metrics key, format)
+TRAIN_FIELDS = (("lr", "lr {:.2e}"), ("grad_norm", "grad_norm {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
+                ("lambda_mean", "lambda {:.3g}"))
+
+
 def format_record(rec: dict, total_steps: int) -> str | None:
     """The console line of one metrics record (None for records that are not worth a line)."""
     kind, step = rec.get("kind", "train"), int(rec.get("step", 0))
     at = f"step {step:>{len(str(total_steps))}}/{total_steps}"
     if kind == "train":
-        parts = [f"train {at}", f"loss {rec['loss']:.4f}"]
-        if "lr" in rec:
-            parts.append(f"lr {rec['lr']:.2e}")
-        if "grad_norm" in rec:
-            parts.append(f"grad_norm {rec['grad_norm']:.3f}")
-        if "tokens_per_s" in rec:
-            parts.append(f"{rec['tokens_per_s']:,.0f} tok/s")
-        if "lambda_mean" in rec:
-            parts.append(f"lambda {rec['lambda_mean']:.3g}")
+        parts = [f"train {at}", f"loss {rec['loss']:.4f}"] + [fmt.format(rec[k]) for k, fmt in TRAIN_FIELDS if k in rec]
         return "  ".join(parts)
     if kind == "val":
         parts = [f"val   {at}"] + [f"{k} {v:.2f}" for k, v in rec.items() if k.startswith("val_")]
@@ -46,7 +43,7 @@ class ProgressPrinter:
                  remote_interval_s: float = 30.0):
         from workers.checkpointing import filesystem, is_remote
 
-        self.uri, self.total_steps, self._out = metrics_uri, total_steps, out
+        self.total_steps, self._out = total_steps, out
         self.fs, self.path = filesystem(metrics_uri)
         self.remote = is_remote(metrics_uri)
         self.interval_s = remote_interval_s if self.remote else interval_s
@@ -60,8 +57,8 @@ class ProgressPrinter:
         try:
             if self.remote:  # another process rewrites the object: never answer from a listing cache
                 self.fs.invalidate_cache(self.path)
-            return int(self.fs.size(self.path)) if self.fs.exists(self.path) else 0
-        except Exception:  # any filesystem error (S3 included): try again at the next poll
+            return int(self.fs.size(self.path))
+        except Exception:  # not there yet, or any filesystem error (S3 included): try again at the next poll
             return 0
 
     def poll(self) -> int:
