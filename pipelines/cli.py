@@ -150,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     runner: Callable[[Any, dict], int] = _resolve(cmd.main)
     try:
         return int(runner(cfg, extras) or 0)
+    except (ConfigError, FileNotFoundError) as e:  # a stage's check of its inputs (checkpoint, manifest, sources)
+        if os.environ.get("SOFTMASK_TRACEBACK"):
+            raise
+        print(f"softmask {cmd.name}: error: {e} (SOFTMASK_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # commands that start servers handle signals themselves; this is the rest
         print(f"softmask {cmd.name}: interrupted", file=sys.stderr)
         return 130

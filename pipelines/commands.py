@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from infra.config import field, require
+from infra.config import ConfigError, field, require
 
 
 @dataclass
@@ -212,9 +212,10 @@ def cli_main(cfg, extras: dict) -> int:
     from infra.cluster import LocalRayCluster
     from infra.ray_runtime import RayConfig, apply_default_env, init_ray
     from pipelines.orchestration import PrefectServer
-    from pipelines.workflow import run_workflow
+    from pipelines.workflow import preflight, run_workflow
 
     apply_default_env()
+    preflight(cfg)  # a bad source or init_checkpoint fails here, before a server or cluster starts
     cluster = server = None
     completed = interrupted = False
     env_before = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "PREFECT_API_URL")}
@@ -363,13 +364,14 @@ def _local_abs(path: str) -> str:
 
 
 def schedule_preflight(cfg) -> str | None:
-    """What would make every scheduled run fail, found before anything starts (None when fine)."""
-    from pipelines import lineage
+    """What would make every scheduled run fail, found before anything starts (None when fine). The sources are
+    not checked: a scheduled run's data may arrive later."""
+    from pipelines.workflow import preflight
 
-    if "train" in cfg.stages and cfg.train.init_checkpoint and "://" not in cfg.train.init_checkpoint:
-        if not lineage.exists(lineage.join(_local_abs(cfg.train.init_checkpoint), "config.json")):
-            return (f"train.init_checkpoint: no export at {cfg.train.init_checkpoint} (config.json missing); point "
-                    f"it at an existing export, e.g. the checkpoint `softmask run` prints")
+    try:
+        preflight(cfg, sources=False)
+    except ConfigError as e:
+        return str(e)
     return None
 
 

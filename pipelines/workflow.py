@@ -232,11 +232,36 @@ def _prefect_task(stage: str, fn: Callable[..., dict], key_fn: Callable[..., str
                 persist_result=True, result_serializer="json", refresh_cache=refresh, retries=0)
 
 
+def preflight(cfg: WorkflowConfig, sources: bool = True) -> None:
+    """The input checks that need no upstream output, before anything starts: an input that would fail a later stage
+    (a missing init_checkpoint) must not wait for preprocessing to finish first. Raises ConfigError naming the field.
+    ``sources``: also check that every preprocess source matches files (off for scheduled runs, whose data may
+    arrive later)."""
+    from workers import checkpointing
+
+    if sources:
+        from pipelines.preprocess_plan import expand_source
+
+        so = cfg.preprocess.storage_options()
+        for i, src in enumerate(cfg.preprocess.sources):
+            try:
+                expand_source(src, i, so)
+            except FileNotFoundError as e:
+                raise ConfigError(f"preprocess.{e}") from None
+    if "train" in cfg.stages and cfg.train.init_checkpoint:
+        try:
+            checkpointing.read_export(cfg.train.init_checkpoint)
+        except ConfigError as e:
+            raise ConfigError(f"train.{e}; point it at an existing export, e.g. the checkpoint `softmask run` "
+                              f"prints") from None
+
+
 def run_workflow(cfg: WorkflowConfig, force: list[str] | None = None) -> WorkflowResult:
     """Run the configured stages in order (each skipped when complete); returns the records and the lineage."""
     force = list(force or [])
     if "://" not in cfg.run_root:  # Ray workers run in other directories: local paths must be absolute
         cfg = replace(cfg, run_root=os.path.abspath(cfg.run_root))
+    preflight(cfg)
     bad = [f for f in force if f not in STAGES]
     if bad:
         raise ConfigError(f"force: unknown stage(s) {bad}; stages are {list(STAGES)}")

@@ -74,3 +74,37 @@ def test_main_exit_codes_and_help(capsys):
         cli.main(["train", "--help"])
     out = capsys.readouterr().out
     assert "--objective.p_sm=VALUE" in out and "--steps" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--config", "configs/debug_cpu.yaml", "--preprocess.sources=[{path: /nonexistent/*.txt}]"],
+     "error: preprocess.sources[0] '/nonexistent/*.txt': no input files match"),
+    (["run", "--config", "configs/finetune_deploy.yaml", "--train.init_checkpoint=/nonexistent/export"],
+     "error: train.init_checkpoint: no config.json in /nonexistent/export"),
+    (["preprocess", "--config", "configs/preprocess_shakespeare.yaml", "--sources=[{path: /nonexistent/a.txt}]"],
+     "error: sources[0] '/nonexistent/a.txt': no such file or directory"),
+    (["train", "--config", "configs/train_debug.yaml", "--data.manifest=/nonexistent/manifest.json"],
+     "error: data.manifest: not found: /nonexistent/manifest.json"),
+    (["eval", "--checkpoint", "/nonexistent/export", "--manifest", "/nonexistent/data"],
+     "error: checkpoint: not a softmask checkpoint (no config.json): /nonexistent/export"),
+    (["serve", "--checkpoint", "/nonexistent/export"],
+     "error: checkpoint: /nonexistent/export is not a checkpoint directory (no config.json)"),
+], ids=["run-source", "run-init-checkpoint", "preprocess-source", "train-manifest", "eval-checkpoint",
+        "serve-checkpoint"])
+def test_stage_input_errors_are_one_line_before_anything_starts(monkeypatch, capsys, argv, message):
+    """A bad input that only a stage can see (a file, a checkpoint) ends the real entry point with exit 2 and one
+    line naming the field, without a traceback and before a Ray cluster, Ray or a Prefect server starts."""
+    import psutil
+    import ray
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("SOFTMASK_TRACEBACK", raising=False)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    was_initialized = ray.is_initialized()
+    assert cli.main(argv) == 2
+    out = capsys.readouterr()
+    assert out.err.startswith(f"softmask {argv[0]}: ") and message in out.err, out.err
+    assert out.err.count("\n") == 1 and "Traceback" not in out.err, out.err
+    assert ray.is_initialized() == was_initialized
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before

@@ -51,7 +51,7 @@ def test_ui_answers_health_and_serves_the_ui(ui):
     (["--cron", "0 3 * * *", "--config", DEBUG, "--train.no_such_key=1"],
      "config error: unknown config key(s) train.no_such_key"),
     (["--cron", "0 3 * * *", "--config", str(ROOT / "configs" / "finetune_deploy.yaml"),
-      "--train.init_checkpoint=/nonexistent/export"], "config error: train.init_checkpoint: no export"),
+      "--train.init_checkpoint=/nonexistent/export"], "config error: train.init_checkpoint: no config.json in /nonexistent/export"),
 ], ids=["bad-minute", "four-fields", "bad-timezone", "unknown-recipe", "unknown-key", "missing-init-checkpoint"])
 def test_schedule_rejects_bad_input_before_starting_anything(tmp_path, monkeypatch, capsys, args, message):
     """The real entry point (`softmask` = pipelines.cli:main), in-process: exit 2 with one line, and no process
