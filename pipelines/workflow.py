@@ -241,7 +241,13 @@ def preflight(cfg: WorkflowConfig, sources: bool = True) -> None:
 
     if sources:
         from pipelines.preprocess_plan import expand_source
+        from pipelines.tokenizer_train import resolve_files
 
+        if cfg.tokenizer is not None:
+            try:
+                resolve_files(cfg.tokenizer.sources)
+            except ConfigError as e:
+                raise ConfigError(f"tokenizer.{e}") from None
         so = cfg.preprocess.storage_options()
         for i, src in enumerate(cfg.preprocess.sources):
             try:

@@ -79,6 +79,8 @@ def test_main_exit_codes_and_help(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["run", "--config", "configs/debug_cpu.yaml", "--preprocess.sources=[{path: /nonexistent/*.txt}]"],
      "error: preprocess.sources[0] '/nonexistent/*.txt': no input files match"),
+    (["run", "--config", "configs/demo_cpu.yaml", "--tokenizer.sources=[/nonexistent/*.txt]"],
+     "error: tokenizer.sources[0]: '/nonexistent/*.txt' matches no file"),
     (["run", "--config", "configs/finetune_deploy.yaml", "--train.init_checkpoint=/nonexistent/export"],
      "error: train.init_checkpoint: no config.json in /nonexistent/export"),
     (["preprocess", "--config", "configs/preprocess_shakespeare.yaml", "--sources=[{path: /nonexistent/a.txt}]"],
@@ -89,7 +91,7 @@ def test_main_exit_codes_and_help(capsys):
      "error: checkpoint: not a softmask checkpoint (no config.json): /nonexistent/export"),
     (["serve", "--checkpoint", "/nonexistent/export"],
      "error: checkpoint: /nonexistent/export is not a checkpoint directory (no config.json)"),
-], ids=["run-source", "run-init-checkpoint", "preprocess-source", "train-manifest", "eval-checkpoint",
+], ids=["run-source", "run-tokenizer-source", "run-init-checkpoint", "preprocess-source", "train-manifest", "eval-checkpoint",
         "serve-checkpoint"])
 def test_stage_input_errors_are_one_line_before_anything_starts(monkeypatch, capsys, argv, message):
     """A bad input that only a stage can see (a file, a checkpoint) ends the real entry point with exit 2 and one
