@@ -91,9 +91,11 @@ class DiffusionLM(nn.Module):
             logits[..., self.config.vocab_size:] = NEG_INF  # padding rows (vocab_pad_multiple) are not tokens
         return logits
 
-    def feedback_input(self, x_t: torch.Tensor, prev_logits: torch.Tensor | MaskedLogits):
+    def feedback_input(self, x_t: torch.Tensor, prev_logits: torch.Tensor | MaskedLogits,
+                       sm_scale: torch.Tensor | None = None):
         """Build the pass-2 input from a (detached) previous prediction, dense (B, L, V) or :class:`MaskedLogits`.
-        Only positions masked in x_t read it. Returns (inputs, extra)."""
+        Only positions masked in x_t read it. ``sm_scale`` (B,): per-sample factor on ω_s (SM transparency
+        scheduling; SM head only). Returns (inputs, extra)."""
         masked = x_t == self.mask_id  # (B, L)
         if isinstance(prev_logits, MaskedLogits):
             fed = masked & prev_logits.rows  # masked now and predicted before
@@ -110,7 +112,7 @@ class DiffusionLM(nn.Module):
             ids[fed], pi[fed] = top_ids, torch.softmax(top_z, dim=-1)
             estimate = sparse_embed(self.backbone.embed.weight, ids, pi)  # (B, L, d)
             return x_t, self.sc_proj(estimate)
-        ids, w = self.sm_head.mix(x_t, fed, z)  # (B, L, k+1) each
+        ids, w = self.sm_head.mix(x_t, fed, z, scale=sm_scale)  # (B, L, k+1) each
         self.last_stats = {"lambda_mean": self.sm_head.last_lambda}
         return (ids, w), None
 
@@ -124,7 +126,7 @@ class DiffusionLM(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | None = None, *, two_pass: bool = False,
                 prev_logits: torch.Tensor | MaskedLogits | None = None, masked_only: bool = False,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
+                rows: torch.Tensor | None = None, sm_scale: torch.Tensor | None = None) -> torch.Tensor:
         if masked_only:  # ``rows`` may bring flat_rows(x_t == mask) in already (the training loss has it)
             rows = flat_rows(x_t == self.mask_id) if rows is None else rows  # (M,): this forward's one host wait
         if prev_logits is None and two_pass and self.sc_proj is None:
@@ -140,7 +142,7 @@ class DiffusionLM(nn.Module):
                 prev_logits = MaskedLogits(x_t == self.mask_id, self._predict(x_t, t, rows=x_t == self.mask_id))
         if prev_logits is None:
             return self._predict(x_t, t, rows=rows)
-        inputs, extra = self.feedback_input(x_t, prev_logits)
+        inputs, extra = self.feedback_input(x_t, prev_logits, sm_scale)
         return self._predict(inputs, t, extra, rows=rows)
 
     def num_params(self, include_embeddings: bool = True) -> int:

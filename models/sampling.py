@@ -22,6 +22,14 @@ from models.sampling_rules import UPDATE_RULES, StepContext
 ALGORITHMS = tuple(UPDATE_RULES)
 EOS_POLICIES = ("none", "pad_after_eos")
 
+# Transparency scheduling (the paper's Dream ablation): ω_s of the SM head is scaled by a function of frac, the
+# fraction of a sample's generated positions still masked before a step (1 at the first step, -> 0 at the last).
+TRANSPARENCY: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
+    "none": None,                                   # ω_s as learned
+    "linear": lambda frac: frac,                    # ω_s · frac
+    "stepwise": lambda frac: (frac > 0.5).float(),  # ω_s while more than half is masked, then 0 (binary)
+}
+
 
 @dataclass
 class SamplerConfig:
@@ -37,6 +45,9 @@ class SamplerConfig:
                                                              "generated EOS becomes EOS)"})
     cache_unchanged: bool = field(default=False, metadata={"doc": "reuse the last prediction when no token changed "
                                                                   "(skips forwards; NFE then depends on the trajectory)"})
+    transparency: str = field(default="none", metadata={"doc": "SM transparency scheduling: none | linear (ω_s · "
+                                                           "masked fraction) | stepwise (ω_s while over half is "
+                                                           "masked, then 0); soft-masking models only"})
 
     def __post_init__(self):
         problems = []
@@ -52,6 +63,8 @@ class SamplerConfig:
             problems.append(f"block_length must be >= 1, got {self.block_length}")
         if self.eos_policy not in EOS_POLICIES:
             problems.append(f"eos_policy must be one of {EOS_POLICIES}, got {self.eos_policy!r}")
+        if self.transparency not in TRANSPARENCY:
+            problems.append(f"transparency must be one of {tuple(TRANSPARENCY)}, got {self.transparency!r}")
         if self.eos_policy != "none" and self.eos_id is None:
             problems.append("eos_policy pad_after_eos needs eos_id")
         if problems:
@@ -112,6 +125,10 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
     gen = torch.Generator(device=device).manual_seed(int(seed))
     x, fixed = _initial_state(num_samples, length, mask_id, prompt_ids, fixed_tokens, fixed_mask, device)
     rule = UPDATE_RULES[cfg.algorithm]
+    schedule = TRANSPARENCY[cfg.transparency] if cfg.soft_mask else None
+    if schedule is not None and getattr(model, "sc_proj", None) is not None:
+        raise ValueError(f"transparency {cfg.transparency!r} scales the SM head's ω_s; this model is self-conditioning")
+    generated = (~fixed).sum(1).clamp(min=1)  # (N,) positions each sample generates
     blocks = _blocks(length, cfg.block_length)
     steps_per_block = max(1, cfg.steps // len(blocks))
     prev_logits, cached, nfe, step_idx = None, None, 0, 0
@@ -132,8 +149,10 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
             else:
                 rows = masked if cfg.soft_mask else active  # where this prediction will be read
                 t_vec = torch.full((num_samples,), t, device=device)
-                logits = MaskedLogits(rows, model(x, t_vec, prev_logits=prev_logits if cfg.soft_mask else None,
-                                                        rows=rows))
+                feedback = {"prev_logits": prev_logits} if cfg.soft_mask else {}
+                if schedule is not None and prev_logits is not None:
+                    feedback["sm_scale"] = schedule((masked & ~fixed).sum(1) / generated)  # (N,)
+                logits = MaskedLogits(rows, model(x, t_vec, rows=rows, **feedback))
                 nfe += 1
             ctx = StepContext(x=x, logits=logits, t=t, s=s, active=active, decoded=~masked & in_block & ~fixed,
                               mask_id=mask_id, cfg=cfg, generator=gen, last=(i == steps_per_block - 1))
@@ -149,7 +168,10 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
     masked = x == mask_id
     if masked.any():  # safety net: one more forward (with feedback), then argmax
         t_vec = torch.zeros((num_samples,), device=device)
-        z = model(x, t_vec, prev_logits=prev_logits if cfg.soft_mask else None, masked_only=True)  # (M, V)
+        feedback = {"prev_logits": prev_logits} if cfg.soft_mask else {}
+        if schedule is not None and prev_logits is not None:
+            feedback["sm_scale"] = schedule((masked & ~fixed).sum(1) / generated)
+        z = model(x, t_vec, masked_only=True, **feedback)  # (M, V)
         nfe += 1
         x = x.masked_scatter(masked, z.argmax(-1))
     if cfg.eos_policy == "pad_after_eos":

@@ -131,10 +131,11 @@ class SoftMaskHead(nn.Module):
         z = logits.reshape(-1, logits.shape[-1]) if bool(masked.all()) else logits[masked]  # view when all masked
         return self.mix(x_t, masked, z)
 
-    def mix(self, x_t: torch.Tensor, masked: torch.Tensor, z: torch.Tensor,
-            flat: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def mix(self, x_t: torch.Tensor, masked: torch.Tensor, z: torch.Tensor, flat: torch.Tensor | None = None,
+            scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Same as forward, given only the still-masked rows' logits z (M, V) (M = masked.sum()); ``flat`` (M,) may
-        pass ``flat_rows(masked)`` in when the caller already has it."""
+        pass ``flat_rows(masked)`` in when the caller already has it. ``scale`` (B,) multiplies ω_s per sample
+        (transparency scheduling at sampling time; 0 gives the pure [MASK] input)."""
         B, L = x_t.shape
         V = z.shape[-1]
         K = self.k if self.k is not None else V
@@ -155,6 +156,8 @@ class SoftMaskHead(nn.Module):
             pi = torch.softmax(top_z, dim=-1)  # renormalised top-k probabilities
         # one flat index of the masked rows (M,): every gather/scatter below is then sync-free on an accelerator
         flat = flat_rows(masked) if flat is None else flat
+        if scale is not None:
+            lam = lam * scale.to(lam).index_select(0, flat // L)  # (M,): each row's sample factor
         ids.view(B * L, K + 1)[flat] = torch.cat([x_t.reshape(-1)[flat].unsqueeze(-1), top_ids], dim=-1)
         fed = torch.cat([(1 - lam).unsqueeze(-1), lam.unsqueeze(-1) * pi], -1)  # (M, K+1), carries grads to ω
         w = w.view(B * L, K + 1).index_put((flat,), fed).view(B, L, K + 1)

@@ -59,6 +59,8 @@ class EvalConfig:
     algorithm: str = field("ancestral", "sampler update rule (models.sampling ALGORITHMS)")
     soft_mask: Literal["auto", "on", "off"] = field("auto", "feed predictions back while sampling (auto: on for "
                                                             "sm/self_cond checkpoints; quote on/off in YAML)")
+    transparency: str = field("none", "SM transparency scheduling while sampling (models.sampling TRANSPARENCY: "
+                                      "none, linear, stepwise); applies when soft_mask is on")
     sample_chunks: int = field(2, "sampling chunks (one Ray task each; seeds fixed per chunk)")
     use_ray: Literal["auto", "on", "off"] = field("auto", "on: sampling chunks as Ray tasks; off: in-process; auto: "
                                                           "Ray tasks when Ray is initialised or RAY_ADDRESS names a "
@@ -75,7 +77,7 @@ class EvalConfig:
     device: str = field("auto", "torch device of the model, sampler and evaluator (auto: cuda when available)")
 
     def __post_init__(self) -> None:
-        from models.sampling import ALGORITHMS
+        from models.sampling import ALGORITHMS, TRANSPARENCY
 
         require(bool(self.checkpoint), "checkpoint", "is required (an export directory)")
         require(bool(self.manifest), "manifest", "is required (the dataset whose validation split is scored)")
@@ -89,6 +91,8 @@ class EvalConfig:
         require(bool(self.nfe) or (bool(self.nfe_fractions) and all(0 < f <= 4 for f in self.nfe_fractions)),
                 "nfe_fractions", "need nfe or fractions in (0, 4]")
         require(self.algorithm in ALGORITHMS, "algorithm", f"must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        require(self.transparency in TRANSPARENCY, "transparency",
+                f"must be one of {tuple(TRANSPARENCY)}, got {self.transparency!r}")
         require(self.sample_chunks >= 1, "sample_chunks", "must be >= 1")
         require(self.task_cpus > 0, "task_cpus", "must be > 0")
         require(self.gen_ppl_context >= 8, "gen_ppl_context", "must be >= 8")
@@ -328,8 +332,10 @@ def run(cfg: EvalConfig) -> EvalReport:
     budgets = list(cfg.nfe) or sorted({max(1, round(f * length)) for f in cfg.nfe_fractions})
     sampling = []
     for steps in budgets:
-        sampler = {"steps": int(steps), "algorithm": cfg.algorithm, "soft_mask": soft}
-        entry: dict = {"steps": int(steps), "soft_mask": soft, "algorithm": cfg.algorithm}
+        sampler = {"steps": int(steps), "algorithm": cfg.algorithm, "soft_mask": soft,
+                   "transparency": cfg.transparency if soft else "none"}
+        entry: dict = {"steps": int(steps), "soft_mask": soft, "algorithm": cfg.algorithm, **(
+            {"transparency": cfg.transparency} if soft and cfg.transparency != "none" else {})}
         if cfg.num_samples:
             gen = generate(cfg, sampler, cfg.num_samples, length)
             texts = tok.decode_batch(gen["tokens"])

@@ -162,6 +162,28 @@ def test_eval_config_errors_name_the_field():
         from_dict(EvalConfig, {"checkpoint": "c", "manifest": "m", "algorithm": "nope"})
     with pytest.raises(ConfigError, match="nfe"):
         from_dict(EvalConfig, {"checkpoint": "c", "manifest": "m", "nfe": [0]})
+    with pytest.raises(ConfigError, match="transparency: must be one of"):
+        from_dict(EvalConfig, {"checkpoint": "c", "manifest": "m", "transparency": "cosine"})
+
+
+def test_sampling_chunk_applies_transparency(tmp_path):
+    """The evaluation's sampling task passes the transparency schedule on to the sampler (its tokens change, its
+    NFE does not)."""
+    import torch
+
+    import models
+    from pipelines.evaluate import sample_chunk
+
+    torch.manual_seed(0)
+    m = models.build_model(models.ModelConfig.from_flavor("debug", vocab_size=200))
+    with torch.no_grad():
+        m.sm_head.raw_scale.fill_(2.0)
+        m.sm_head.raw_centre.fill_(6.0)  # λ large for the untrained model, so the schedule shows in the tokens
+    models.save_pretrained(m, tmp_path / "ckpt")
+    runs = {tr: sample_chunk(str(tmp_path / "ckpt"), {"steps": 8, "soft_mask": True, "transparency": tr}, 2, 16, 0)
+            for tr in ("none", "stepwise")}
+    assert runs["none"]["nfe"] == runs["stepwise"]["nfe"] == 8
+    assert runs["none"]["tokens"] != runs["stepwise"]["tokens"]
 
 
 def test_missing_checkpoint_is_a_config_error(tmp_path):

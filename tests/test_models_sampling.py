@@ -148,3 +148,69 @@ def test_feedback_from_masked_rows_equals_dense_feedback():
                 assert ids[1, pos, 0].item() == m.mask_id and w[1, pos, 0].item() == 1 and w[1, pos, 1:].abs().sum() == 0
             else:
                 torch.testing.assert_close(extra[1, pos], m.sc_proj(m.backbone.embed.weight[m.mask_id]).reshape(1, -1))
+
+
+def test_sm_scale_scales_lambda_per_sample_and_zero_is_the_binary_input(model):
+    """sm_scale (B,) multiplies ω_s per sample: 1 changes nothing, 0 feeds the pure [MASK] embedding (the same
+    logits as no feedback), 0.5 halves λ."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, model.mask_id, (2, 16), generator=g)
+    x[torch.rand(2, 16, generator=g) < 0.7] = model.mask_id
+    with torch.no_grad():
+        prev = model(x)
+        full = model(x, prev_logits=prev)
+        torch.testing.assert_close(model(x, prev_logits=prev, sm_scale=torch.ones(2)), full)
+        off = model(x, prev_logits=prev, sm_scale=torch.tensor([0.0, 1.0]))
+        torch.testing.assert_close(off[0], model(x)[0])  # sample 0: no feedback at all
+        torch.testing.assert_close(off[1], full[1])       # sample 1: untouched
+        assert not torch.allclose(full[0], model(x)[0])   # (the feedback does matter for this model)
+        (_, w_full), _ = model.feedback_input(x, prev)
+        (_, w_half), _ = model.feedback_input(x, prev, torch.full((2,), 0.5))
+    masked = x == model.mask_id
+    torch.testing.assert_close(w_half[..., 1:].sum(-1)[masked], 0.5 * w_full[..., 1:].sum(-1)[masked])
+
+
+@pytest.mark.parametrize("transparency", ["linear", "stepwise"])
+def test_transparency_scheduling_follows_the_masked_fraction(model, transparency):
+    """Every feedback forward gets sm_scale = schedule(fraction of the sample's generated positions still masked in
+    its input): linear fades SM out, stepwise feeds nothing (λ = 0) once half or less is masked. Same NFE."""
+    length, prompt = 24, [[5, 6, 7, 8], [9, 10]]
+    generated = torch.tensor([length - 4, length - 2])
+    seen = []  # (input x, sm_scale, mean λ fed) of every forward
+
+    def spy(module, args, kwargs, output):
+        seen.append((args[0].clone(), kwargs.get("sm_scale"), float(module.last_stats.get("lambda_mean", -1.0))))
+
+    model.last_stats = {}
+    handle = model.register_forward_hook(spy, with_kwargs=True)
+    try:
+        out = sample(model, SamplerConfig(steps=12, soft_mask=True, transparency=transparency), 2, length,
+                     prompt_ids=prompt, seed=1)
+    finally:
+        handle.remove()
+    assert out.nfe == len(seen) == 12
+    assert seen[0][1] is None  # the first step has nothing to feed back
+    for x, scale, lam in seen[1:]:
+        frac = (x == model.mask_id).sum(1) / generated
+        want = frac if transparency == "linear" else (frac > 0.5).float()
+        torch.testing.assert_close(scale, want)
+        if transparency == "stepwise" and not want.any():
+            assert lam == 0.0
+    assert any(not s.any() for _, s, _ in seen[1:]) == (transparency == "stepwise")
+    assert seen[1][2] > 0  # early steps do feed back
+
+
+def test_transparency_none_is_the_default_and_bad_names_are_rejected(model):
+    a = sample(model, SamplerConfig(steps=8), 2, 16, seed=0)
+    b = sample(model, SamplerConfig(steps=8, transparency="none"), 2, 16, seed=0)
+    c = sample(model, SamplerConfig(steps=8, transparency="linear"), 2, 16, seed=0)
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+    with pytest.raises(ValueError, match="transparency must be one of"):
+        SamplerConfig(transparency="cosine")
+
+
+def test_serving_api_names_every_transparency_schedule():
+    from models.sampling import TRANSPARENCY
+    from workers import serving_api
+
+    assert serving_api.TRANSPARENCY == tuple(TRANSPARENCY)

@@ -145,6 +145,9 @@ def test_soft_mask_on_and_off_both_serve(server):
         assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
         outs[sm] = [c["text"] for c in out["choices"]]
     assert outs[True] != outs[False]  # same seed, different feedback -> different samples
+    status, out, _ = post(server.completions_url, {**base, "soft_mask": True, "transparency": "stepwise"})
+    assert status == 200 and len(out["choices"]) == 4, out
+    assert [c["text"] for c in out["choices"]] != outs[True]  # the schedule reached the sampler
 
 
 def test_streaming_steps_then_final_text(server):
@@ -193,6 +196,7 @@ MALFORMED = [
     ({"prompt": "a", "n": 50}, 422, "n"),
     ({"prompt": "a", "algorithm": "beam"}, 422, "algorithm"),
     ({"prompt": "a", "soft_mask": "maybe"}, 422, "soft_mask"),
+    ({"prompt": "a", "transparency": "cosine"}, 422, "transparency"),
     ({"prompt": "a", "seed": -3}, 422, "seed"),
     ({"prompt": "a", "stop": [""]}, 422, "stop"),
     ({"prompt": "a", "max_tokens": 8, "block_length": 16}, 422, "block_length"),

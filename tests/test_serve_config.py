@@ -30,6 +30,7 @@ def test_recipe_loads_and_every_field_is_documented():
     ({"max_ongoing_requests": 4, "max_batch_size": 8}, "max_ongoing_requests"),
     ({"default_algorithm": "beam"}, "default_algorithm"),
     ({"default_top_p": 0.0}, "default_top_p"),
+    ({"default_transparency": "cosine"}, "default_transparency"),
     ({"default_steps": 5000}, "default_steps"),
     ({"route_prefix": "v1"}, "route_prefix"),
     ({"host": "0.0.0.0"}, "host"),

@@ -27,7 +27,8 @@ from pathlib import Path
 from ray import serve
 
 from infra.config import ConfigError, field, from_dict, require, to_dict
-from workers.serving_api import ALGORITHMS, ApiError, CompletionRequest, check_bounds, sse, validation_error, SSE_DONE
+from workers.serving_api import (ALGORITHMS, SSE_DONE, TRANSPARENCY, ApiError, CompletionRequest, check_bounds, sse,
+                                 validation_error)
 from workers.serving_sampler import SamplerDeployment
 
 
@@ -84,6 +85,8 @@ class ServeConfig:
     default_temperature: float = field(1.0, "temperature when omitted")
     default_top_p: float = field(0.9, "nucleus mass when omitted (the paper samples with top-p 0.9)")
     default_block_length: int | None = field(None, "semi-AR block length when omitted (None = one block)")
+    default_transparency: str = field("none", "soft-masking transparency schedule when omitted (none, linear, "
+                                              "stepwise; models.sampling.TRANSPARENCY)")
     # --- streaming
     stream_max_events: int = field(32, "most intermediate step events per stream / trajectory entries per choice")
     mask_placeholder: str = field("_", "text shown for a still-masked position in partial (streamed) text")
@@ -124,6 +127,8 @@ class ServeConfig:
         require(0.0 < self.default_top_p <= 1.0, "default_top_p", "must lie in (0, 1]")
         require(self.default_block_length is None or self.default_block_length >= 1, "default_block_length",
                 "must be >= 1 or null")
+        require(self.default_transparency in TRANSPARENCY, "default_transparency",
+                f"must be one of {list(TRANSPARENCY)}, got {self.default_transparency!r}")
 
     @property
     def served_name(self) -> str:
@@ -215,6 +220,7 @@ def request_payload(req: CompletionRequest, cfg: ServeConfig, request_id: str) -
         "soft_mask": cfg.default_soft_mask if req.soft_mask is None else req.soft_mask,
         "temperature": cfg.default_temperature if req.temperature is None else req.temperature,
         "top_p": cfg.default_top_p if req.top_p is None else req.top_p,
+        "transparency": req.transparency or cfg.default_transparency,
         "block_length": block, "seed": req.seed, "stop": req.stops(), "stream": req.stream,
         "return_trajectory": req.return_trajectory, "timeout_s": cfg.request_timeout_s,
     }

@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 # Sampling algorithms of models.sampling (the sampler replica checks this list against the real registry at startup).
 ALGORITHMS = ("ancestral", "entropy", "confidence", "margin", "remdm_cap")
 Algorithm = Literal["ancestral", "entropy", "confidence", "margin", "remdm_cap"]
+TRANSPARENCY = ("none", "linear", "stepwise")  # models.sampling.TRANSPARENCY (kept import-free of torch here)
+Transparency = Literal["none", "linear", "stepwise"]
 
 MAX_SEED = 2**63 - 1
 
@@ -53,6 +55,10 @@ class CompletionRequest(BaseModel):
                                                              "block")
     soft_mask: bool | None = Field(None, description="feed the previous step's top-k prediction into masked "
                                                      "positions (soft-masking); false = binary masking")
+    transparency: Transparency | None = Field(None, description="soft-masking transparency schedule: none, linear "
+                                                                "(fade the feedback out as tokens are decoded) or "
+                                                                "stepwise (feedback while over half is masked); None = "
+                                                                "the server default")
     return_trajectory: bool = Field(False, description="include the partial text of every recorded step in each "
                                                        "choice")
 

@@ -7,9 +7,9 @@ Flow of one request (payload = workers.serving.request_payload):
   _schedule (one task per replica): whenever the model is free, takes the OLDEST pending job plus every pending job
       with the same key (up to max_batch_size) and decodes them in ONE models.sampling.sample call, run in the
       replica's single sampler thread so the event loop keeps accepting requests meanwhile.
-      _Job.key = (length class, steps, algorithm, soft_mask, temperature, top_p, block_length); the length class of a
-      canvas L is the next power of two >= L and a group decodes on the longest canvas of its members (a shorter
-      request reads its completion from its own span; the positions after it are discarded).
+      _Job.key = (length class, steps, algorithm, soft_mask, temperature, top_p, block_length, transparency); the
+      length class of a canvas L is the next power of two >= L and a group decodes on the longest canvas of its
+      members (a shorter request reads its completion from its own span; the positions after it are discarded).
   on_step feeds partial text to streams and trajectories and aborts a group once all its jobs timed out or left.
 
 NOTE: why a scheduler behind @serve.batch: Serve forms the next batch as soon as requests arrive, *before* it waits
@@ -55,7 +55,7 @@ class _Job:
         """
         p = self.payload
         key = (1 << (self.length - 1).bit_length(), p["steps"], p["algorithm"], p["soft_mask"], p["temperature"], p["top_p"],
-               p["block_length"])
+               p["block_length"], p.get("transparency", "none"))
         return key if p["seed"] is None else key + (id(self),)
 
     @property
@@ -265,7 +265,8 @@ class SamplerDeployment:
 
         scfg = {k: v for k, v in dict(steps=p0["steps"], algorithm=p0["algorithm"], soft_mask=p0["soft_mask"],
                                       temperature=p0["temperature"], top_p=p0["top_p"],
-                                      block_length=p0["block_length"]).items() if k in self._sampler_fields}
+                                      block_length=p0["block_length"], transparency=p0.get("transparency", "none"),
+                                      ).items() if k in self._sampler_fields}
         seed = p0["seed"] if p0["seed"] is not None else random.randint(0, MAX_SEED)
         future = loop.run_in_executor(self._executor, self._sample_blocking, scfg, rows, length, seed, on_step)
         future.add_done_callback(lambda _f: queue.put_nowait(("done",)))
