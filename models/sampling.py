@@ -39,7 +39,11 @@ class SamplerConfig:
     temperature: float = field(default=1.0, metadata={"doc": "softmax temperature of the sampling copy (0 = greedy)"})
     top_p: float = field(default=1.0, metadata={"doc": "nucleus mass kept on the sampling copy (1 = off)"})
     block_length: int | None = field(default=None, metadata={"doc": "semi-autoregressive block size (None = one block)"})
-    eta: float = field(default=0.04, metadata={"doc": "ReMDM-cap remasking cap η"})
+    eta: float | None = field(default=None, metadata={"doc": "ReMDM remasking η (None = the paper's value: 0.04 for "
+                                                              "remdm_cap, 0.02 for remdm_loop)"})
+    loop_t_on: float = field(default=0.55, metadata={"doc": "remdm_loop: time the loop phase starts (grid 1 -> 0)"})
+    loop_t_off: float = field(default=0.05, metadata={"doc": "remdm_loop: time the loop phase ends"})
+    loop_alpha_on: float = field(default=0.9, metadata={"doc": "remdm_loop: share of tokens decoded during the loop"})
     eos_id: int | None = field(default=None, metadata={"doc": "EOS id used by eos_policy"})
     eos_policy: str = field(default="none", metadata={"doc": "none | pad_after_eos (everything after the first "
                                                              "generated EOS becomes EOS)"})
@@ -63,12 +67,25 @@ class SamplerConfig:
             problems.append(f"block_length must be >= 1, got {self.block_length}")
         if self.eos_policy not in EOS_POLICIES:
             problems.append(f"eos_policy must be one of {EOS_POLICIES}, got {self.eos_policy!r}")
+        if self.eta is not None and not 0 <= self.eta <= 1:
+            problems.append(f"eta must be in [0, 1], got {self.eta}")
+        if not 0 < self.loop_t_off < self.loop_t_on < 1:
+            problems.append(f"remdm_loop needs 0 < loop_t_off < loop_t_on < 1, got {self.loop_t_off}, {self.loop_t_on}")
+        if not 0 < self.loop_alpha_on < 1:
+            problems.append(f"loop_alpha_on must be in (0, 1), got {self.loop_alpha_on}")
+        elif self.algorithm == "remdm_loop" and self.remdm_eta(0.02) > (1 - self.loop_alpha_on) / self.loop_alpha_on:
+            problems.append(f"remdm_loop needs eta <= (1 - loop_alpha_on) / loop_alpha_on = "
+                            f"{(1 - self.loop_alpha_on) / self.loop_alpha_on:.4g} (a reveal probability <= 1)")
         if self.transparency not in TRANSPARENCY:
             problems.append(f"transparency must be one of {tuple(TRANSPARENCY)}, got {self.transparency!r}")
         if self.eos_policy != "none" and self.eos_id is None:
             problems.append("eos_policy pad_after_eos needs eos_id")
         if problems:
             raise ValueError("invalid SamplerConfig: " + "; ".join(problems))
+
+    def remdm_eta(self, paper_default: float) -> float:
+        """η of a ReMDM rule: the configured one, else the paper's value for that rule."""
+        return paper_default if self.eta is None else self.eta
 
 
 @dataclass

@@ -79,17 +79,42 @@ def ancestral(ctx: StepContext) -> torch.Tensor:
     return _unmask_with_prob(ctx, (ctx.t - ctx.s) / ctx.t, ctx.x.clone())
 
 
-def remdm_cap(ctx: StepContext) -> torch.Tensor:
-    """ReMDM with capped remasking σ_t = min(η, (1 − α_s)/α_t): decoded tokens are remasked with prob σ_t and masked
-    ones revealed with prob (α_s − (1 − σ_t)α_t)/(1 − α_t)."""
-    a_t, a_s = 1.0 - ctx.t, 1.0 - ctx.s
-    sigma = ctx.cfg.eta if a_t <= 0 else min(ctx.cfg.eta, (1.0 - a_s) / a_t)
-    x_new = _unmask_with_prob(ctx, (a_s - (1 - sigma) * a_t) / (1 - a_t), ctx.x.clone())
+def _remask(ctx: StepContext, x_new: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Each decoded (generated, not fixed) token of the block goes back to [MASK] with probability σ."""
     if sigma > 0:
         idx = ctx.decoded.nonzero(as_tuple=True)
         back = _uniform(idx[0].shape, ctx) < sigma
         x_new[idx[0][back], idx[1][back]] = ctx.mask_id
     return x_new
+
+
+def _remdm_step(ctx: StepContext, a_t: float, a_s: float, sigma: float) -> torch.Tensor:
+    """The ReMDM posterior with remasking σ: masked tokens revealed with prob (α_s − (1 − σ)α_t)/(1 − α_t), decoded
+    ones remasked with prob σ."""
+    x_new = _unmask_with_prob(ctx, (a_s - (1 - sigma) * a_t) / (1 - a_t), ctx.x.clone())
+    return _remask(ctx, x_new, sigma)
+
+
+def remdm_cap(ctx: StepContext) -> torch.Tensor:
+    """ReMDM with capped remasking σ_t = min(η, (1 − α_s)/α_t) (η default 0.04)."""
+    a_t, a_s = 1.0 - ctx.t, 1.0 - ctx.s
+    eta = ctx.cfg.remdm_eta(0.04)
+    return _remdm_step(ctx, a_t, a_s, eta if a_t <= 0 else min(eta, (1.0 - a_s) / a_t))
+
+
+def remdm_loop(ctx: StepContext) -> torch.Tensor:
+    """ReMDM-loop (η default 0.02): the grid's t in (t_on, 1] takes α from 0 to α_on (MDLM steps), t in (t_off, t_on]
+    holds α = α_on and remasks with σ = η (decoded tokens are refined, the masked share stays ~1 − α_on), and
+    t in [0, t_off] takes α from α_on to 1 (MDLM steps)."""
+    cfg = ctx.cfg
+    t_on, t_off, a_on = cfg.loop_t_on, cfg.loop_t_off, cfg.loop_alpha_on
+    if t_off < ctx.t <= t_on and not ctx.last:  # (a coarse grid's last step may fall in the loop: it finishes)
+        return _remdm_step(ctx, a_on, a_on, cfg.remdm_eta(0.02))
+    if ctx.t > t_on:  # move chance 1 − (1 − t)·α_on/(1 − t_on); a coarse grid's step stops at t_on (1 − α_on)
+        m_t, m_s = (1.0 - (1.0 - u) * a_on / (1.0 - t_on) for u in (ctx.t, max(ctx.s, t_on)))
+    else:  # move chance t·(1 − α_on)/t_off
+        m_t, m_s = (u * (1.0 - a_on) / t_off for u in (ctx.t, ctx.s))
+    return _unmask_with_prob(ctx, (m_t - m_s) / m_t if m_t > 0 else 1.0, ctx.x.clone())
 
 
 def _confidence_rule(score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
@@ -135,6 +160,7 @@ def _neg_entropy(probs, cand):
 UPDATE_RULES: dict[str, Callable[[StepContext], torch.Tensor]] = {
     "ancestral": ancestral,
     "remdm_cap": remdm_cap,
+    "remdm_loop": remdm_loop,
     "confidence": _confidence_rule(_top1),
     "margin": _confidence_rule(_margin),
     "entropy": _confidence_rule(_neg_entropy),

@@ -209,8 +209,32 @@ def test_transparency_none_is_the_default_and_bad_names_are_rejected(model):
         SamplerConfig(transparency="cosine")
 
 
-def test_serving_api_names_every_transparency_schedule():
+def test_serving_api_names_every_algorithm_and_transparency_schedule():
     from models.sampling import TRANSPARENCY
     from workers import serving_api
 
     assert serving_api.TRANSPARENCY == tuple(TRANSPARENCY)
+    assert sorted(serving_api.ALGORITHMS) == sorted(ALGORITHMS)
+
+
+def test_remdm_loop_phases(model):
+    """ReMDM-loop on the grid 1 -> 0: up to t_on it only reveals, reaching ~1 - alpha_on decoded; between t_on and
+    t_off the masked share stays ~1 - alpha_on while decoded tokens are remasked and refined; then it finishes."""
+    steps, length, n = 40, 64, 8
+    cfg = SamplerConfig(steps=steps, algorithm="remdm_loop", soft_mask=True)
+    out = sample(model, cfg, n, length, seed=5, return_trajectory=True)
+    assert out.nfe == steps and not (out.tokens == model.mask_id).any()
+    ts = [1 - i / steps for i in range(steps + 1)]
+    masks = [torch.ones(n, length, dtype=torch.bool)] + [x == model.mask_id for x in out.trajectory]
+    remasked = [int((m_after & ~m_before).sum()) for m_before, m_after in zip(masks, masks[1:])]  # per step
+    frac = [float(m.float().mean()) for m in masks]
+    phase1 = [i for i in range(steps) if ts[i] > cfg.loop_t_on]
+    loop = [i for i in range(steps) if cfg.loop_t_off < ts[i] <= cfg.loop_t_on]
+    assert sum(remasked[i] for i in phase1) == 0  # MDLM steps never remask
+    assert abs(frac[phase1[-1] + 1] - (1 - cfg.loop_alpha_on)) < 0.06  # ~alpha_on decoded when the loop starts
+    assert sum(remasked[i] for i in loop) > 0
+    assert all(abs(frac[i + 1] - (1 - cfg.loop_alpha_on)) < 0.08 for i in loop)  # the masked share holds
+    with pytest.raises(ValueError, match="eta <="):
+        SamplerConfig(algorithm="remdm_loop", eta=0.5)
+    with pytest.raises(ValueError, match="loop_t_off < loop_t_on"):
+        SamplerConfig(loop_t_on=0.1, loop_t_off=0.2)

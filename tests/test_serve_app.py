@@ -148,6 +148,8 @@ def test_soft_mask_on_and_off_both_serve(server):
     status, out, _ = post(server.completions_url, {**base, "soft_mask": True, "transparency": "stepwise"})
     assert status == 200 and len(out["choices"]) == 4, out
     assert [c["text"] for c in out["choices"]] != outs[True]  # the schedule reached the sampler
+    status, out, _ = post(server.completions_url, {**base, "algorithm": "remdm_loop"})
+    assert status == 200 and len(out["choices"]) == 4 and all(c["text"] for c in out["choices"]), out
 
 
 def test_streaming_steps_then_final_text(server):

@@ -19,8 +19,8 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Sampling algorithms of models.sampling (the sampler replica checks this list against the real registry at startup).
-ALGORITHMS = ("ancestral", "entropy", "confidence", "margin", "remdm_cap")
-Algorithm = Literal["ancestral", "entropy", "confidence", "margin", "remdm_cap"]
+ALGORITHMS = ("ancestral", "entropy", "confidence", "margin", "remdm_cap", "remdm_loop")  # models.sampling's
+Algorithm = Literal["ancestral", "entropy", "confidence", "margin", "remdm_cap", "remdm_loop"]
 TRANSPARENCY = ("none", "linear", "stepwise")  # models.sampling.TRANSPARENCY (kept import-free of torch here)
 Transparency = Literal["none", "linear", "stepwise"]
 
