@@ -63,6 +63,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         allowed = get_args(tp)
+        if isinstance(value, bool) and not any(a is value for a in allowed):
+            # YAML 1.1 reads a bare on/off/yes/no/true/false as a boolean, in recipes and --key=value alike
+            words = [w for w in (("on", "yes", "true") if value else ("off", "no", "false")) if w in allowed]
+            value = words[0] if words else value
         if value not in allowed:
             raise ConfigError(f"{path}: must be one of {list(allowed)}, got {value!r}")
         return value

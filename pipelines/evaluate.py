@@ -43,7 +43,7 @@ class EvalConfig:
     val_batch: int = field(32, "rows per ELBO forward")
     elbo_draws: int = field(2, "independent (t, mask) draws per row averaged in the ELBO estimate")
     two_pass: Literal["auto", "on", "off"] = field("auto", "also report the two-pass ELBO (auto: for sm/self_cond "
-                                                           "checkpoints; quote on/off in YAML)")
+                                                           "checkpoints)")
     heldout_texts: list[str] = field(None, "extra held-out text files (paths or corpus://name/file) scored with the "
                                            "ELBO, packed into seq_len rows with the dataset tokenizer", factory=list)
     heldout_rows: int = field(64, "rows per extra held-out file")
@@ -58,13 +58,13 @@ class EvalConfig:
                                        factory=lambda: [0.25, 0.5, 1.0])
     algorithm: str = field("ancestral", "sampler update rule (models.sampling ALGORITHMS)")
     soft_mask: Literal["auto", "on", "off"] = field("auto", "feed predictions back while sampling (auto: on for "
-                                                            "sm/self_cond checkpoints; quote on/off in YAML)")
+                                                            "sm/self_cond checkpoints)")
     transparency: str = field("none", "SM transparency scheduling while sampling (models.sampling TRANSPARENCY: "
                                       "none, linear, stepwise); applies when soft_mask is on")
     sample_chunks: int = field(2, "sampling chunks (one Ray task each; seeds fixed per chunk)")
     use_ray: Literal["auto", "on", "off"] = field("auto", "on: sampling chunks as Ray tasks; off: in-process; auto: "
                                                           "Ray tasks when Ray is initialised or RAY_ADDRESS names a "
-                                                          "cluster (quote on/off in YAML: bare on/off are booleans)")
+                                                          "cluster")
     task_cpus: float = field(0.5, "CPUs reserved per sampling task (fractional on small machines)")
     evaluator: str = field("smollm2-135m", "evaluator causal LM: a packaged name (smollm2-135m) or a local HF dir")
     gen_ppl_context: int = field(128, "evaluator context length (tokens) for generative perplexity")

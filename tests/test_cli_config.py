@@ -110,3 +110,17 @@ def test_stage_input_errors_are_one_line_before_anything_starts(monkeypatch, cap
     assert out.err.count("\n") == 1 and "Traceback" not in out.err, out.err
     assert ray.is_initialized() == was_initialized
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+
+
+def test_bare_on_off_reach_literal_fields_as_words(tmp_path):
+    """YAML 1.1 reads a bare on/off as a boolean: a Literal["auto", "on", "off"] field takes it as the word, from a
+    recipe and from --key=value alike; a boolean where no word fits is still an error naming the field."""
+    from pipelines.evaluate import EvalConfig
+
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text("checkpoint: c\nmanifest: m\nuse_ray: off\nsoft_mask: on\n")
+    cfg = cli.build_config(cli.COMMANDS["eval"], str(recipe), ["--two_pass=off"], {})
+    assert (cfg.use_ray, cfg.soft_mask, cfg.two_pass) == ("off", "on", "off")
+    assert cli.build_config(cli.COMMANDS["eval"], str(recipe), [], {"use_ray": "on"}).use_ray == "on"
+    with pytest.raises(ConfigError, match="algorithm"):
+        from_dict(EvalConfig, {"checkpoint": "c", "manifest": "m", "algorithm": True})
