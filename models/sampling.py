@@ -146,6 +146,15 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
     if schedule is not None and getattr(model, "sc_proj", None) is not None:
         raise ValueError(f"transparency {cfg.transparency!r} scales the SM head's ω_s; this model is self-conditioning")
     generated = (~fixed).sum(1).clamp(min=1)  # (N,) positions each sample generates
+
+    def feedback(masked: torch.Tensor) -> dict:
+        """The forward's SM inputs: the previous prediction, and the transparency factor of each sample."""
+        if not cfg.soft_mask:
+            return {}
+        if schedule is None or prev_logits is None:
+            return {"prev_logits": prev_logits}
+        return {"prev_logits": prev_logits, "sm_scale": schedule((masked & ~fixed).sum(1) / generated)}  # (N,)
+
     blocks = _blocks(length, cfg.block_length)
     steps_per_block = max(1, cfg.steps // len(blocks))
     prev_logits, cached, nfe, step_idx = None, None, 0, 0
@@ -166,10 +175,7 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
             else:
                 rows = masked if cfg.soft_mask else active  # where this prediction will be read
                 t_vec = torch.full((num_samples,), t, device=device)
-                feedback = {"prev_logits": prev_logits} if cfg.soft_mask else {}
-                if schedule is not None and prev_logits is not None:
-                    feedback["sm_scale"] = schedule((masked & ~fixed).sum(1) / generated)  # (N,)
-                logits = MaskedLogits(rows, model(x, t_vec, rows=rows, **feedback))
+                logits = MaskedLogits(rows, model(x, t_vec, rows=rows, **feedback(masked)))
                 nfe += 1
             ctx = StepContext(x=x, logits=logits, t=t, s=s, active=active, decoded=~masked & in_block & ~fixed,
                               mask_id=mask_id, cfg=cfg, generator=gen, last=(i == steps_per_block - 1))
@@ -185,10 +191,7 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
     masked = x == mask_id
     if masked.any():  # safety net: one more forward (with feedback), then argmax
         t_vec = torch.zeros((num_samples,), device=device)
-        feedback = {"prev_logits": prev_logits} if cfg.soft_mask else {}
-        if schedule is not None and prev_logits is not None:
-            feedback["sm_scale"] = schedule((masked & ~fixed).sum(1) / generated)
-        z = model(x, t_vec, masked_only=True, **feedback)  # (M, V)
+        z = model(x, t_vec, masked_only=True, **feedback(masked))  # (M, V)
         nfe += 1
         x = x.masked_scatter(masked, z.argmax(-1))
     if cfg.eos_policy == "pad_after_eos":
