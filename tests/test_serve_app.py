@@ -146,7 +146,7 @@ def test_soft_mask_on_and_off_both_serve(server):
         outs[sm] = [c["text"] for c in out["choices"]]
     assert outs[True] != outs[False]  # same seed, different feedback -> different samples
     status, out, _ = post(server.completions_url, {**base, "soft_mask": True, "transparency": "stepwise"})
-    assert status == 200 and len(out["choices"]) == 4, out
+    assert status == 200 and len(out["choices"]) == 4 and out["transparency"] == "stepwise", out
     assert [c["text"] for c in out["choices"]] != outs[True]  # the schedule reached the sampler
     status, out, _ = post(server.completions_url, {**base, "algorithm": "remdm_loop"})
     assert status == 200 and len(out["choices"]) == 4 and all(c["text"] for c in out["choices"]), out

@@ -116,6 +116,7 @@ class CompletionResponse(BaseModel):
     steps: int
     algorithm: str
     soft_mask: bool
+    transparency: str = Field("none", description="soft-masking transparency schedule used")
     seed: int | None = Field(None, description="seed that reproduces this response (sent back as `seed`); null when "
                                              "the request shared its decode with others")
     length: int = Field(..., description="decoded canvas length (prompt + completion, rounded up to a bucket)")

@@ -318,7 +318,8 @@ class SamplerDeployment:
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens},
                 "nfe": nfe, "batch_size": len(jobs), "batch_rows": len(rows), "steps": p0["steps"],
-                "algorithm": p0["algorithm"], "soft_mask": p0["soft_mask"], "length": length,
+                "algorithm": p0["algorithm"], "soft_mask": p0["soft_mask"],
+                "transparency": p0.get("transparency", "none"), "length": length,
                 # the seed reproduces this response only when the request was decoded on its own
                 "seed": seed if len(jobs) == 1 else None}}
         yield finals
