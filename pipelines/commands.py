@@ -239,7 +239,7 @@ def cli_main(cfg, extras: dict) -> int:
             if address:
                 os.environ["RAY_ADDRESS"] = address
             init_ray(RayConfig(address=address))
-            res = run_workflow(cfg, extras.get("force") or [])
+            res = run_workflow(cfg, extras.get("force") or [], check_inputs=False)  # preflight ran above
             completed = True
             _print_run_summary(res, cfg, extras.get("keep_serving", False))
             if extras.get("keep_serving") and "deploy" in res.records:

@@ -331,11 +331,11 @@ def run(cfg: EvalConfig) -> EvalReport:
     soft = cfg.soft_mask == "on" or (cfg.soft_mask == "auto" and kind in ("sm", "self_cond"))
     budgets = list(cfg.nfe) or sorted({max(1, round(f * length)) for f in cfg.nfe_fractions})
     sampling = []
+    transparency = cfg.transparency if soft else "none"
     for steps in budgets:
-        sampler = {"steps": int(steps), "algorithm": cfg.algorithm, "soft_mask": soft,
-                   "transparency": cfg.transparency if soft else "none"}
-        entry: dict = {"steps": int(steps), "soft_mask": soft, "algorithm": cfg.algorithm, **(
-            {"transparency": cfg.transparency} if soft and cfg.transparency != "none" else {})}
+        sampler = {"steps": int(steps), "algorithm": cfg.algorithm, "soft_mask": soft, "transparency": transparency}
+        entry: dict = {"steps": int(steps), "soft_mask": soft, "algorithm": cfg.algorithm,
+                       **({"transparency": transparency} if transparency != "none" else {})}
         if cfg.num_samples:
             gen = generate(cfg, sampler, cfg.num_samples, length)
             texts = tok.decode_batch(gen["tokens"])

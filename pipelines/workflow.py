@@ -262,12 +262,15 @@ def preflight(cfg: WorkflowConfig, sources: bool = True) -> None:
                               f"prints") from None
 
 
-def run_workflow(cfg: WorkflowConfig, force: list[str] | None = None) -> WorkflowResult:
-    """Run the configured stages in order (each skipped when complete); returns the records and the lineage."""
+def run_workflow(cfg: WorkflowConfig, force: list[str] | None = None, *,
+                 check_inputs: bool = True) -> WorkflowResult:
+    """Run the configured stages in order (each skipped when complete); returns the records and the lineage.
+    ``check_inputs=False``: the caller has already run :func:`preflight` on this config."""
     force = list(force or [])
     if "://" not in cfg.run_root:  # Ray workers run in other directories: local paths must be absolute
         cfg = replace(cfg, run_root=os.path.abspath(cfg.run_root))
-    preflight(cfg)
+    if check_inputs:
+        preflight(cfg)
     bad = [f for f in force if f not in STAGES]
     if bad:
         raise ConfigError(f"force: unknown stage(s) {bad}; stages are {list(STAGES)}")

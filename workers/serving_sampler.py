@@ -55,7 +55,7 @@ class _Job:
         """
         p = self.payload
         key = (1 << (self.length - 1).bit_length(), p["steps"], p["algorithm"], p["soft_mask"], p["temperature"], p["top_p"],
-               p["block_length"], p.get("transparency", "none"))
+               p["block_length"], p["transparency"])
         return key if p["seed"] is None else key + (id(self),)
 
     @property
@@ -265,7 +265,7 @@ class SamplerDeployment:
 
         scfg = {k: v for k, v in dict(steps=p0["steps"], algorithm=p0["algorithm"], soft_mask=p0["soft_mask"],
                                       temperature=p0["temperature"], top_p=p0["top_p"],
-                                      block_length=p0["block_length"], transparency=p0.get("transparency", "none"),
+                                      block_length=p0["block_length"], transparency=p0["transparency"],
                                       ).items() if k in self._sampler_fields}
         seed = p0["seed"] if p0["seed"] is not None else random.randint(0, MAX_SEED)
         future = loop.run_in_executor(self._executor, self._sample_blocking, scfg, rows, length, seed, on_step)
@@ -319,7 +319,7 @@ class SamplerDeployment:
                           "total_tokens": prompt_tokens + completion_tokens},
                 "nfe": nfe, "batch_size": len(jobs), "batch_rows": len(rows), "steps": p0["steps"],
                 "algorithm": p0["algorithm"], "soft_mask": p0["soft_mask"],
-                "transparency": p0.get("transparency", "none"), "length": length,
+                "transparency": p0["transparency"], "length": length,
                 # the seed reproduces this response only when the request was decoded on its own
                 "seed": seed if len(jobs) == 1 else None}}
         yield finals
