@@ -23,6 +23,8 @@ from pathlib import Path
 
 import psutil
 
+from infra.ray_runtime import LOOPBACK_NODE_IP
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -119,7 +121,7 @@ class LocalRayCluster:
     # NOTE: 127.0.0.2, not 127.0.0.1: Ray rewrites "127.0.0.1"/"localhost" addresses to the host's routable IP before
     # connecting; another loopback address is left alone, so every byte stays on loopback. Worker nodes get
     # 127.0.0.3, 127.0.0.4, ... (distinct node IPs, as on a real cluster).
-    host: str = "127.0.0.2"
+    host: str = LOOPBACK_NODE_IP
 
     def _env(self) -> dict:
         env = dict(os.environ)

@@ -207,6 +207,46 @@ def resolve_checkpoint(uri: str, cache_dir: str | os.PathLike | None = None) -> 
     return dest
 
 
+def check_model(cfg: ServeConfig):
+    """What a sampler replica loads, checked without loading the weights: ``(local checkpoint dir, model config,
+    tokenizer)``. Raises ConfigError naming the field: a checkpoint that is missing or unreadable, a tokenizer that
+    is missing or whose vocabulary or [MASK] id does not fit the model. The driver calls it before it starts
+    anything (``softmask serve``, the deploy stage); each replica calls it again before it loads the weights."""
+    from safetensors import safe_open
+
+    from models.checkpoint import read_config
+    from models.tokenizer import load_tokenizer
+
+    ckpt = resolve_checkpoint(cfg.checkpoint, cfg.cache_dir)
+    try:
+        mcfg, _ = read_config(ckpt)
+    except (ValueError, KeyError, TypeError) as e:  # JSON errors are ValueErrors
+        raise ConfigError(f"checkpoint: {ckpt}/config.json is not a readable model config ({e})") from None
+    weights = ckpt / "model.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            if not list(f.keys()):
+                raise ValueError("it holds no tensors")
+    except Exception as e:  # noqa: BLE001 - missing, truncated or not safetensors: all say the same to the user
+        raise ConfigError(f"checkpoint: {weights} is not a readable safetensors file ({type(e).__name__}: {e})") \
+            from None
+    if cfg.tokenizer is None and not (ckpt / "tokenizer.json").is_file():
+        raise ConfigError(f"tokenizer: {ckpt} has no tokenizer.json; set the `tokenizer` field (e.g. gpt2 or the "
+                          f"tokenizer.json the model was trained with)")
+    spec = cfg.tokenizer or str(ckpt / "tokenizer.json")
+    try:
+        tok = load_tokenizer(spec)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"tokenizer: {e}") from None
+    if tok.vocab_size > mcfg.vocab_size:
+        raise ConfigError(f"tokenizer: {spec} has {tok.vocab_size} tokens, more than the model's vocab_size "
+                          f"{mcfg.vocab_size}: it is not the tokenizer this model was trained with")
+    if tok.mask_id != mcfg.mask_token_id:
+        raise ConfigError(f"tokenizer: the [MASK] id of {spec} is {tok.mask_id}, the model's mask_token_id is "
+                          f"{mcfg.mask_token_id}: it is not the tokenizer this model was trained with")
+    return ckpt, mcfg, tok
+
+
 def request_payload(req: CompletionRequest, cfg: ServeConfig, request_id: str) -> dict:
     """The request with every server default filled in: what the sampler deployment receives."""
     max_tokens = req.max_tokens if req.max_tokens is not None else cfg.default_max_tokens

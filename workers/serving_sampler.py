@@ -84,8 +84,7 @@ class SamplerDeployment:
         import models
         from models.sampling import ALGORITHMS as MODEL_ALGORITHMS
         from models.sampling import SamplerConfig, sample
-        from models.tokenizer import load_tokenizer
-        from workers.serving import as_serve_config, resolve_checkpoint
+        from workers.serving import as_serve_config, check_model
 
         self.cfg = as_serve_config(cfg)
         missing = set(ALGORITHMS) - set(MODEL_ALGORITHMS)
@@ -93,19 +92,11 @@ class SamplerDeployment:
             raise ValueError(f"models.sampling lacks the advertised algorithm(s) {sorted(missing)}")
         if self.cfg.torch_threads:
             torch.set_num_threads(self.cfg.torch_threads)
-        ckpt = resolve_checkpoint(self.cfg.checkpoint, self.cfg.cache_dir)
+        ckpt, mcfg, self.tok = check_model(self.cfg)
         use_cuda = self.cfg.device == "cuda" or (self.cfg.device == "auto" and self.cfg.num_gpus > 0
                                                  and torch.cuda.is_available())
         self.device = torch.device("cuda" if use_cuda else "cpu")
         self.model = models.load_pretrained(ckpt).to(self.device).eval()
-        spec = self.cfg.tokenizer or str(ckpt / "tokenizer.json")
-        if self.cfg.tokenizer is None and not (ckpt / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"tokenizer: {ckpt} has no tokenizer.json; set the `tokenizer` field")
-        self.tok = load_tokenizer(spec)
-        mcfg = self.model.config
-        if self.tok.vocab_size > mcfg.vocab_size or self.tok.mask_id != mcfg.mask_token_id:
-            raise ValueError(f"tokenizer {spec} (vocab {self.tok.vocab_size}, mask {self.tok.mask_id}) does not match "
-                             f"the model (vocab {mcfg.vocab_size}, mask {mcfg.mask_token_id})")
         self._sample, self._sampler_config = sample, SamplerConfig
         self._sampler_fields = {f.name for f in dataclasses.fields(SamplerConfig)}
         self._torch = torch
