@@ -118,6 +118,49 @@ def test_health_models_openapi(server):
     props = spec["components"]["schemas"]["CompletionRequest"]["properties"]
     assert {"prompt", "max_tokens", "steps", "algorithm", "soft_mask", "block_length", "stream"} <= set(props)
 
+    def member(name: str, kind: str) -> dict:
+        return next(m for m in [props[name], *props[name].get("anyOf", [])] if m.get("type") == kind)
+
+    # the schema states what the server enforces, the configured bounds included
+    assert member("max_tokens", "integer")["maximum"] == 200 and member("n", "integer")["maximum"] == 4
+    assert member("steps", "integer")["maximum"] == 1024
+    assert (member("prompt", "array")["minItems"], member("prompt", "array")["maxItems"]) == (1, 16)
+    assert "minLength" not in member("prompt", "string")  # "" is unconditional generation
+    assert member("stop", "string")["minLength"] == 1 and member("stop", "array")["maxItems"] == 4
+    assert member("model", "string")["enum"] == ["debug"]
+
+
+def test_every_schema_edge_is_answered_as_the_schema_says(server):
+    """Each field of /openapi.json's CompletionRequest on and just past every bound it states, over real HTTP: the
+    schema-valid requests are served (200), the others refused with a 4xx naming that field."""
+    from schema_edges import edge_requests
+
+    _, spec = get(f"{server.url}/openapi.json")
+    cases = edge_requests(spec, "CompletionRequest", {"prompt": "To be", "max_tokens": 4, "steps": 2, "seed": 0})
+    wrong = []
+    for name, body, valid in cases:
+        req = urllib.request.Request(server.completions_url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                status, raw = r.status, r.read()  # the whole body: JSON, or the events of a stream
+        except urllib.error.HTTPError as e:
+            status, raw = e.code, e.read()
+        param = json.loads(raw)["error"]["param"] if status >= 400 else None
+        if (status == 200) != valid or (not valid and not (400 <= status < 500 and param == name)):
+            wrong.append((name, body, valid, status, raw[:300]))
+    assert not wrong, wrong
+
+
+def test_empty_prompt_is_unconditional_generation(server):
+    body = {"prompt": "", "max_tokens": 16, "steps": 8, "seed": 2}
+    status, out, _ = post(server.completions_url, body)
+    assert status == 200, out
+    assert out["usage"]["prompt_tokens"] == 0 and out["choices"][0]["text"]
+    assert out["usage"]["completion_tokens"] == 16 or out["choices"][0]["finish_reason"] == "stop"
+    status, out, _ = post(server.completions_url, {**body, "prompt": ["", "To be"]})
+    assert status == 200 and len(out["choices"]) == 2 and all(c["text"] for c in out["choices"]), out
+
 
 def test_completion_is_deterministic_with_seed(server):
     body = {"model": "debug", "prompt": "Shall I compare thee", "max_tokens": 24, "steps": 12, "seed": 7}
@@ -183,7 +226,6 @@ def test_concurrent_requests_share_a_batch(server):
 
 
 MALFORMED = [
-    ({"prompt": ""}, 422, "prompt"),
     ({"prompt": []}, 422, "prompt"),
     ({"prompt": 5}, 422, "prompt"),
     ({"max_tokens": 8}, 422, "prompt"),
@@ -201,7 +243,9 @@ MALFORMED = [
     ({"prompt": "a", "transparency": "cosine"}, 422, "transparency"),
     ({"prompt": "a", "seed": -3}, 422, "seed"),
     ({"prompt": "a", "stop": [""]}, 422, "stop"),
-    ({"prompt": "a", "max_tokens": 8, "block_length": 16}, 422, "block_length"),
+    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
+    ({"prompt": ["a"] * 17}, 422, "prompt"),
+    ({"prompt": "a", "block_length": 201}, 422, "block_length"),
     ({"prompt": "a", "frequency_penalty": 1}, 422, "frequency_penalty"),
     ({"prompt": "a", "model": "gpt-4"}, 404, "model"),
     (b"{not json", 400, "body"),

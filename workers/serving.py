@@ -27,8 +27,8 @@ from pathlib import Path
 from ray import serve
 
 from infra.config import ConfigError, field, from_dict, require, to_dict
-from workers.serving_api import (ALGORITHMS, SSE_DONE, TRANSPARENCY, ApiError, CompletionRequest, check_bounds, sse,
-                                 validation_error)
+from workers.serving_api import (ALGORITHMS, SSE_DONE, TRANSPARENCY, ApiError, CompletionRequest, check_bounds,
+                                 schema_limits, sse, validation_error)
 from workers.serving_sampler import SamplerDeployment
 
 
@@ -251,8 +251,8 @@ def request_payload(req: CompletionRequest, cfg: ServeConfig, request_id: str) -
     """The request with every server default filled in: what the sampler deployment receives."""
     max_tokens = req.max_tokens if req.max_tokens is not None else cfg.default_max_tokens
     block = req.block_length if req.block_length is not None else cfg.default_block_length
-    if block is not None and block > max_tokens:
-        raise ApiError(422, "block_length", f"{block} is larger than max_tokens={max_tokens}", "invalid_value")
+    if block is not None and block > max_tokens:  # a block longer than the completion: the completion is one block
+        block = None
     return {
         "id": request_id, "prompts": req.prompts(), "n": req.n, "max_tokens": max_tokens,
         "steps": req.steps if req.steps is not None else cfg.default_steps,
@@ -332,6 +332,15 @@ def build_fastapi(ing: "CompletionsIngress"):
     def error_response(err: ApiError) -> JSONResponse:
         headers = {"Retry-After": "1"} if err.status == 503 else None
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    def openapi() -> dict:
+        """FastAPI's schema with this server's configured bounds in CompletionRequest (what check_bounds enforces)."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            schema_limits(schema["components"]["schemas"]["CompletionRequest"], cfg.limits())
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(_request, exc):

@@ -160,7 +160,8 @@ class SamplerDeployment:
 
     # ------------------------------------------------------------------------------------------------ internals
     def _prepare(self, p: dict) -> _Job:
-        """Tokenize and check one request against the model; raises ApiError naming the field."""
+        """Tokenize and check one request against the model; raises ApiError naming the field. An empty prompt fixes
+        no position: the whole canvas is generated (unconditional generation)."""
         if p["algorithm"] not in ALGORITHMS:
             raise ApiError(422, "algorithm", f"unknown algorithm {p['algorithm']!r}")
         prompt_ids = self.tok.encode_batch(p["prompts"])
@@ -168,8 +169,6 @@ class SamplerDeployment:
         if longest > self.cfg.max_prompt_tokens:
             raise ApiError(413, "prompt", f"{longest} tokens exceeds max_prompt_tokens={self.cfg.max_prompt_tokens}",
                            "prompt_too_long")
-        if min(len(ids) for ids in prompt_ids) == 0:
-            raise ApiError(422, "prompt", "a prompt encodes to zero tokens", "empty_prompt")
         ctx = self.model.config.max_seq_len
         need = longest + p["max_tokens"]
         if need > ctx:
