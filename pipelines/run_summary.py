@@ -61,9 +61,26 @@ def eval_line(summary: dict) -> str | None:
 
 
 def sm_state_line(records: dict) -> str | None:
-    """The served model's soft-mask state (ω_s, mean λ) in one line. Not reported yet: returns None, and the
-    summary leaves the line out."""
-    return None
+    """The served model's soft-mask state in one line: its head (GET /v1/models: ω_s, the gate's entropy threshold
+    −ω_b, k) and what the feedback did in the deploy request's decode (mean λ, share of open gates). None without a
+    deploy record."""
+    dep = records.get("deploy") or {}
+    if not dep:
+        return None
+    head = (dep.get("model_card") or {}).get("soft_mask")
+    if head is None:
+        return "soft-mask: none (a self-conditioning model)"
+    line = (f"soft-mask: ω_s {head['omega_s']:.3g} (largest λ), gate opens below {-head['omega_b']:.2f} nats of "
+            f"entropy, top-{head['k']}")
+    if head["omega_s"] < 1e-3:
+        line += " — at its initial value: this model was not trained long enough for soft-masking to act"
+    fed = (dep.get("reply") or {}).get("sm_feedback")
+    if fed:
+        line += f" | this reply: mean λ {fed['lambda_mean']:.3g}, gate open at {100 * fed['gate_open']:.0f} % of " \
+                f"the masked positions it fed"
+    elif (dep.get("reply") or {}).get("soft_mask") is False:
+        line += " | this reply: decoded with binary masking"
+    return line
 
 
 def summary_lines(records: dict, lineage_uri: str, *, keep_serving: bool, took_s: float | None = None,

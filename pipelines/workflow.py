@@ -231,7 +231,9 @@ def run_deploy(cfg: WorkflowConfig, model: dict) -> dict:
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=300) as r:
         reply = json.loads(r.read())
-    return {"stage": "deploy", "url": res.url, "model": res.model, "request": body, "reply": reply,
+    with urllib.request.urlopen(f"{res.url}/v1/models", timeout=60) as r:  # what is served, its SM head included
+        card = json.loads(r.read())["data"][0]
+    return {"stage": "deploy", "url": res.url, "model": res.model, "model_card": card, "request": body, "reply": reply,
             "curl": res.example_curl(), "checkpoint": model["export"], "executed": True, "_serve_result": res}
 
 

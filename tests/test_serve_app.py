@@ -113,6 +113,8 @@ def test_health_models_openapi(server):
     assert get(f"{server.url}/healthz") == (200, {"status": "ok", "model": "debug"})
     status, models_list = get(f"{server.url}/v1/models")
     assert status == 200 and models_list["data"][0]["id"] == "debug" and models_list["data"][0]["max_seq_len"] == 256
+    head = models_list["data"][0]["soft_mask"]  # the served SM head, as write_checkpoint set it
+    assert abs(head["omega_s"] - 0.8808) < 1e-3 and abs(head["omega_b"] + 10.0) < 1e-3 and head["k"] == 3, head
     _, spec = get(f"{server.url}/openapi.json")
     assert {"/v1/completions", "/v1/models", "/healthz"} <= set(spec["paths"])
     props = spec["components"]["schemas"]["CompletionRequest"]["properties"]
@@ -180,14 +182,17 @@ def test_completion_is_deterministic_with_seed(server):
 def test_soft_mask_on_and_off_both_serve(server):
     base = {"prompt": ["To be, or not to be", "Now is the winter"], "n": 2, "max_tokens": 24, "steps": 12,
             "seed": 3, "algorithm": "confidence"}
-    outs = {}
+    outs, fed = {}, {}
     for sm in (True, False):
         status, out, _ = post(server.completions_url, {**base, "soft_mask": sm})
         assert status == 200, out
         assert out["soft_mask"] is sm and len(out["choices"]) == 4 and out["batch_rows"] == 4
         assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
         outs[sm] = [c["text"] for c in out["choices"]]
+        fed[sm] = out["sm_feedback"]
     assert outs[True] != outs[False]  # same seed, different feedback -> different samples
+    # the head opened wide (write_checkpoint): λ ≈ ω_s ≈ 0.88 wherever it fed, every gate open; no feedback when off
+    assert fed[False] is None and 0.8 < fed[True]["lambda_mean"] <= 0.881 and fed[True]["gate_open"] == 1.0, fed
     status, out, _ = post(server.completions_url, {**base, "soft_mask": True, "transparency": "stepwise"})
     assert status == 200 and len(out["choices"]) == 4 and out["transparency"] == "stepwise", out
     assert [c["text"] for c in out["choices"]] != outs[True]  # the schedule reached the sampler

@@ -98,6 +98,13 @@ class CompletionChoice(BaseModel):
                                                              "placeholder) of the recorded steps")
 
 
+class SoftMaskFeedback(BaseModel):
+    lambda_mean: float = Field(..., description="mean λ (the weight of the fed-back top-k mixture) over every masked "
+                                                "position the decode fed")
+    gate_open: float = Field(..., description="share of those positions whose SM gate was open (>= 0.5): prediction "
+                                              "entropy below −ω_b")
+
+
 class CompletionResponse(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
@@ -111,10 +118,21 @@ class CompletionResponse(BaseModel):
     steps: int
     algorithm: str
     soft_mask: bool
+    sm_feedback: SoftMaskFeedback | None = Field(None, description="what soft-masking did in this batch's decode; null "
+                                                                   "when no feedback ran (soft_mask false, or a "
+                                                                   "self-conditioning model)")
     transparency: str = Field("none", description="soft-masking transparency schedule used")
     seed: int | None = Field(None, description="seed that reproduces this response (sent back as `seed`); null when "
                                              "the request shared its decode with others")
     length: int = Field(..., description="decoded canvas length (prompt + completion, rounded up to a bucket)")
+
+
+class SoftMaskState(BaseModel):
+    omega_s: float = Field(..., description="ω_s: the largest λ the head gives (≈1e-6 at initialisation: no feedback)")
+    omega_a: float = Field(..., description="ω_a: steepness of the gate in the prediction's negative entropy")
+    omega_b: float = Field(..., description="ω_b: the gate opens where the prediction's entropy is below −ω_b nats")
+    k: int | None = Field(..., description="top-k tokens mixed into a masked position (None: the whole vocabulary)")
+    temperature: float | None = Field(None, description="learned mixing temperature (k = None only)")
 
 
 class ModelCard(BaseModel):
@@ -125,6 +143,8 @@ class ModelCard(BaseModel):
     max_seq_len: int
     vocab_size: int
     flavor: str
+    soft_mask: SoftMaskState | None = Field(None, description="the served model's soft-masking head; null for a "
+                                                              "self-conditioning model")
 
 
 class ModelList(BaseModel):

@@ -108,8 +108,15 @@ class SamplerDeployment:
         self._scheduler: asyncio.Task | None = None
         self._info = {"id": self.cfg.served_name, "object": "model", "created": int(time.time()),
                       "owned_by": "softmask", "max_seq_len": mcfg.max_seq_len, "vocab_size": mcfg.vocab_size,
-                      "flavor": mcfg.flavor}
+                      "flavor": mcfg.flavor, "soft_mask": self._soft_mask_state()}
         self.stats = {"intake_batches": 0, "decodes": 0, "requests": 0, "max_batch_size": 0, "decode_s": 0.0}
+
+    def _soft_mask_state(self) -> dict | None:
+        """The served model's SM head: ω_s (largest λ), ω_a (steepness), ω_b (entropy threshold of the gate), k; None
+        for a self-conditioning model (it has no soft-mask feedback)."""
+        if getattr(self.model, "sc_proj", None) is not None:
+            return None
+        return {**self.model.sm_head.values(), "k": self.model.sm_head.k}
 
     # ----------------------------------------------------------------------------------------------- public API
     async def describe(self) -> dict:
@@ -275,7 +282,7 @@ class SamplerDeployment:
             if updates:
                 yield updates
         try:
-            tokens, nfe = future.result()
+            tokens, nfe, sm_feedback = future.result()
         except _Aborted:
             err = ApiError(504, None, f"request timed out after {p0['timeout_s']}s", "timeout")
             yield {j: {"type": "error", "error": err.to_dict()} for j in range(len(jobs))}
@@ -308,14 +315,15 @@ class SamplerDeployment:
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens},
                 "nfe": nfe, "batch_size": len(jobs), "batch_rows": len(rows), "steps": p0["steps"],
-                "algorithm": p0["algorithm"], "soft_mask": p0["soft_mask"],
+                "algorithm": p0["algorithm"], "soft_mask": p0["soft_mask"], "sm_feedback": sm_feedback,
                 "transparency": p0["transparency"], "length": length,
                 # the seed reproduces this response only when the request was decoded on its own
                 "seed": seed if len(jobs) == 1 else None}}
         yield finals
 
     def _sample_blocking(self, scfg: dict, rows: list[list[int]], length: int, seed: int, on_step):
-        """Runs in the sampler thread: one sample() call -> ((N, L) token lists, nfe)."""
+        """Runs in the sampler thread: one sample() call -> ((N, L) token lists, nfe, what soft-masking did: None when
+        no feedback ran, else {"lambda_mean", "gate_open"} over every position it fed)."""
         t0 = time.perf_counter()
         try:
             with self._torch.inference_mode():
@@ -323,7 +331,8 @@ class SamplerDeployment:
                                    prompt_ids=rows, seed=seed, on_step=on_step)
         finally:
             self.stats["decode_s"] += time.perf_counter() - t0
-        return out.tokens.tolist(), int(out.nfe)
+        fed = None if out.lambda_mean is None else {"lambda_mean": out.lambda_mean, "gate_open": out.gate_open}
+        return out.tokens.tolist(), int(out.nfe), fed
 
     def _chunk(self, job: _Job, step: int, steps: int) -> dict:
         return {"id": job.payload["id"], "object": "text_completion.step", "created": int(time.time()),
