@@ -227,8 +227,10 @@ def cli_main(cfg, extras: dict) -> int:
             interrupted = True
         finally:
             guard.begin_shutdown()
-            # only through the connection this command made: serve.shutdown() without one starts a Ray of its own
-            if "deploy" in cfg.stages and ray.is_initialized() and not (interrupted and cluster is not None):
+            # Serve is shut down only on a cluster that outlives this command (our own cluster stops with everything
+            # on it, and a controller killed mid-shutdown prints raylet errors after the summary), and only through
+            # the connection this command made: serve.shutdown() without one starts a Ray of its own
+            if "deploy" in cfg.stages and ray.is_initialized() and cluster is None:
                 try:
                     from ray import serve
 

@@ -11,6 +11,7 @@ the flow engine then retried reporting the crash against a dead API for a minute
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -60,12 +61,34 @@ def drain_prefect(timeout: float = 10.0) -> None:
         pass
 
 
+class _RunLogsOffConsole(logging.Filter):
+    """Flow- and task-run records (a failed stage's traceback among them) stay off the console: Prefect's API handler
+    still records them for the run history (`softmask ui`), and the CLI prints one line per failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
+
+
+def quiet_run_logs() -> None:
+    """Put _RunLogsOffConsole on Prefect's console handler(s) (once Prefect has configured logging)."""
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    ensure_logging_setup()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+                isinstance(f, _RunLogsOffConsole) for f in handler.filters):
+            handler.addFilter(_RunLogsOffConsole())
+
+
 def run_with_prefect(cfg, forced: set[str]):
     """Run the workflow as a Prefect flow in this process: on the server at PREFECT_API_URL when set (`softmask run`
     starts one of its own), else on Prefect's temporary local server."""
     prefect_env()
     with prefect_api(os.environ.get("PREFECT_API_URL")):
         from prefect import flow
+
+        quiet_run_logs()
 
         from pipelines.workflow import _prefect_task, execute
 

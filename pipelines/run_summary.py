@@ -48,7 +48,7 @@ def eval_line(summary: dict) -> str | None:
     ref = summary.get("reference") or {}
     evaluator = (summary.get("evaluator") or {}).get("name", "evaluator")
     if runs:
-        gen = ", ".join(f"{r['gen_ppl']:.0f} @ {r['nfe']} steps" for r in runs if "gen_ppl" in r)
+        gen = ", ".join(f"{r['gen_ppl']:.0f} @ {r['nfe']:g} steps" for r in runs if "gen_ppl" in r)
         real = f" (real text {ref['gen_ppl']:.0f})" if "gen_ppl" in ref else ""
         parts.append(f"gen PPL [{evaluator}] {gen}{real}")
         last = runs[-1]

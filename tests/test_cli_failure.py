@@ -54,3 +54,30 @@ def test_cleanup_of_a_failed_run_opens_no_ray_connection(monkeypatch, capsys, tm
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "failed: RuntimeError: RAY_AUTH_TOKEN_PATH=" in err, err
     assert calls == [] and ray.is_initialized() == was_initialized
+
+
+def test_flow_run_errors_stay_off_the_console(capfd):
+    """A stage that raises inside the Prefect flow: Prefect logs 'Encountered exception during execution' with the
+    traceback on the flow-run logger; the console handler drops it (the CLI prints its one line, the run history keeps
+    the record), while other Prefect warnings still reach the console."""
+    import logging
+
+    from pipelines.orchestration import prefect_env, quiet_run_logs
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    prefect_env()
+    quiet_run_logs()
+    quiet_run_logs()  # idempotent: one filter per handler
+    [console] = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    assert len(console.filters) == 1
+    try:
+        raise RuntimeError("stage failed")
+    except RuntimeError:
+        import sys
+        exc = sys.exc_info()
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.client"):
+        console.handle(logging.LogRecord(name, logging.ERROR, __file__, 1, f"{name}: Encountered exception", None,
+                                         exc))
+    err = capfd.readouterr().err
+    assert "prefect.client: Encountered exception" in err, err
+    assert "prefect.flow_runs" not in err and "prefect.task_runs" not in err, err

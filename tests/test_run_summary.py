@@ -4,7 +4,7 @@ from pipelines.run_summary import eval_line, sm_state_line, summary_lines
 
 EVAL = {"validation": {"one_pass": {"ppl_bound": 601.7, "tokens": 8192}},
         "evaluator": {"name": "smollm2-135m"}, "reference": {"gen_ppl": 79.2, "entropy": 4.12},
-        "sampling": [{"nfe": 32, "gen_ppl": 6821.9, "entropy": 4.55, "mauve": 0.0253, "samples": 8},
+        "sampling": [{"nfe": 32.0, "gen_ppl": 6821.9, "entropy": 4.55, "mauve": 0.0253, "samples": 8},
                      {"nfe": 64, "gen_ppl": 6253.0, "entropy": 4.52, "mauve": 0.031, "samples": 8}]}
 RECORDS = {
     "preprocess": {"executed": False, "dir": "/a/datasets/k1", "manifest": "/a/datasets/k1"},
