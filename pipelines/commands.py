@@ -383,7 +383,7 @@ def cli_schedule(cfg, extras: dict) -> int:
     """`softmask schedule`: register the workflow as a Prefect deployment with a cron schedule and serve it (blocks
     until Ctrl-C/SIGTERM; the schedule is then paused). Starts, unless given, a Prefect server with the UI (and a
     local Ray cluster when the workflow deploys, so the endpoint outlives each run); stops them on exit."""
-    from pipelines.orchestration import PrefectServer, cron_schedule, prefect_api, register_schedule
+    from pipelines.orchestration import PrefectServer, cron_schedule, prefect_api, prefect_env, register_schedule
 
     cron, tz = extras["cron"], extras.get("timezone") or "UTC"
     problem = schedule_preflight(cfg)
@@ -426,7 +426,10 @@ def cli_schedule(cfg, extras: dict) -> int:
             with prefect_api(api):
                 from prefect import serve
 
-                _, deployment = register_schedule(cfg, cron, name, tz)
+                prefect_env()
+                from pipelines.scheduled import softmask_scheduled  # imports prefect: after prefect_env()
+
+                _, deployment = register_schedule(softmask_scheduled, cfg, cron, name, tz)
                 deployment_id = deployment.apply()  # registered (and visible in the API/UI) before we say so
                 ui = api.removesuffix("/api")
                 print(f"schedule {cron!r} ({tz}) registered as 'softmask-scheduled/{name}' (id {deployment_id}) on "

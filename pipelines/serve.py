@@ -14,7 +14,6 @@ import ipaddress
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -23,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from infra.config import field, require
+from infra.net import free_port
 from workers.serving import ServeConfig, as_serve_config, build_app
 
 
@@ -81,13 +81,6 @@ class ServeResult:
         return f"curl -s {self.completions_url} -H 'Content-Type: application/json' -d '{body}'"
 
 
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _existing_serve_port() -> int | None:
     """HTTP port of a Serve instance already running on the connected cluster, else None."""
     from ray.serve import context
@@ -129,7 +122,7 @@ def run(cfg: ServeStageConfig) -> ServeResult:
         port = _existing_serve_port()
         serve_started = port is None
         if serve_started:
-            port = cfg.port or _free_port(cfg.host)
+            port = cfg.port or free_port(cfg.host)
             serve.start(http_options={"host": cfg.host, "port": port,
                                       "request_timeout_s": cfg.http_timeout_s or cfg.request_timeout_s + 10.0})
         host = "127.0.0.1" if cfg.host == "localhost" else cfg.host

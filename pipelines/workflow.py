@@ -225,13 +225,6 @@ def run_deploy(cfg: WorkflowConfig, model: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
-def _prefect_task(stage: str, fn: Callable[..., dict], key_fn: Callable[..., str], refresh: bool):
-    from prefect import task
-
-    return task(fn, name=stage, cache_key_fn=lambda ctx, params: f"softmask-{stage}-{key_fn()}",
-                persist_result=True, result_serializer="json", refresh_cache=refresh, retries=0)
-
-
 def preflight(cfg: WorkflowConfig, sources: bool = True) -> None:
     """The input checks that need no upstream output, before anything starts: an input that would fail a later stage
     (a missing init_checkpoint) must not wait for preprocessing to finish first. Raises ConfigError naming the field.
@@ -279,7 +272,7 @@ def run_workflow(cfg: WorkflowConfig, force: list[str] | None = None, *,
     if cfg.use_prefect:
         from pipelines.orchestration import run_with_prefect
 
-        return run_with_prefect(cfg, forced)
+        return run_with_prefect(cfg.name, lambda task: execute(cfg, forced, task))
     return execute(cfg, forced, lambda stage, fn, key_fn, refresh: fn)
 
 
