@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -21,9 +23,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from infra.config import field, require
+from infra.config import ConfigError, field, require
 from infra.net import free_port
-from workers.serving import ServeConfig, as_serve_config, build_app
+from workers.serving import ServeConfig, as_serve_config, build_app, check_model
 
 
 @dataclass
@@ -105,23 +107,63 @@ def _wait_healthy(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout_s}s (last error: {last})")
 
 
+def check_port(host: str, port: int, name: str = "port") -> None:
+    """ConfigError naming ``name`` when ``host:port`` cannot be bound here (another process listens on it)."""
+    if not port:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # what the HTTP server does: TIME_WAIT is no clash
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"{name}: {host}:{port} is not free ({e.strerror}); choose another port (0 = any free "
+                              f"one) or stop what listens there") from None
+
+
+def _cluster(cfg: ServeStageConfig) -> str | None:
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    return None if address in (None, "", "local") else address
+
+
+def _on_this_host(address: str | None) -> bool:
+    """Whether Serve's HTTP proxy (on the head node) listens on this host: a Ray started here or a loopback cluster."""
+    host = (address or "127.0.0.1").split("://")[-1].rsplit(":", 1)[0]
+    return host == "localhost" or _is_loopback(host)
+
+
+def preflight(cfg: ServeStageConfig) -> None:
+    """Everything that can be checked before Ray or Serve starts: the checkpoint is there and readable, its tokenizer
+    fits the model, and the HTTP port is free when this command starts the Ray that will bind it. ConfigError names
+    the field."""
+    check_model(as_serve_config(cfg))
+    if _cluster(cfg) is None:
+        check_port(cfg.host, cfg.port)
+
+
 def run(cfg: ServeStageConfig) -> ServeResult:
     """Start (or join) Ray and Serve, deploy the app, wait until /healthz answers; returns where it runs.
 
-    A failure after Ray/Serve were started here shuts them down again before re-raising.
+    :func:`preflight` runs first, so a bad input starts nothing. A failure after Ray/Serve were started here shuts
+    them down again before re-raising.
     """
     from ray import serve
 
     from infra.ray_runtime import RayConfig, init_ray
 
+    preflight(cfg)
+    # Serve's driver-side INFO lines (started, connecting, ready) belong in its logs; the caller reports the outcome
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     app_cfg = as_serve_config(cfg)
-    app = build_app(app_cfg)  # validates the checkpoint path before anything starts
+    app = build_app(app_cfg)
     ray_started = init_ray(RayConfig(address=cfg.address, num_cpus=cfg.ray_num_cpus))
     serve_started = False
     try:
         port = _existing_serve_port()
         serve_started = port is None
         if serve_started:
+            if _on_this_host(_cluster(cfg)):  # a joined cluster on this host: is the port still free?
+                check_port(cfg.host, cfg.port)
             port = cfg.port or free_port(cfg.host)
             serve.start(http_options={"host": cfg.host, "port": port,
                                       "request_timeout_s": cfg.http_timeout_s or cfg.request_timeout_s + 10.0})

@@ -95,7 +95,7 @@ def test_training_stage_estimate_counts_the_real_model():
 
 
 def test_qwen_coder_recipes_load_as_typed_configs():
-    """The small code recipes (issue 8): SM DoRA fine-tune of the imported Qwen2.5-Coder with ZeRO-3 on 2 CPU workers,
+    """The small code recipes: SM DoRA fine-tune of the imported Qwen2.5-Coder with ZeRO-3 on 2 CPU workers,
     on the stdlib code corpus tokenized with the model's own tokenizer."""
     from infra.config import from_dict, load_config
     from pipelines.preprocess import PreprocessConfig

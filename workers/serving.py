@@ -27,8 +27,8 @@ from pathlib import Path
 from ray import serve
 
 from infra.config import ConfigError, field, from_dict, require, to_dict
-from workers.serving_api import (ALGORITHMS, SSE_DONE, TRANSPARENCY, ApiError, CompletionRequest, check_bounds, sse,
-                                 validation_error)
+from workers.serving_api import (ALGORITHMS, SSE_DONE, TRANSPARENCY, ApiError, CompletionRequest, check_bounds,
+                                 schema_limits, sse, validation_error)
 from workers.serving_sampler import SamplerDeployment
 
 
@@ -207,12 +207,52 @@ def resolve_checkpoint(uri: str, cache_dir: str | os.PathLike | None = None) -> 
     return dest
 
 
+def check_model(cfg: ServeConfig):
+    """What a sampler replica loads, checked without loading the weights: ``(local checkpoint dir, model config,
+    tokenizer)``. Raises ConfigError naming the field: a checkpoint that is missing or unreadable, a tokenizer that
+    is missing or whose vocabulary or [MASK] id does not fit the model. The driver calls it before it starts
+    anything (``softmask serve``, the deploy stage); each replica calls it again before it loads the weights."""
+    from safetensors import safe_open
+
+    from models.checkpoint import read_config
+    from models.tokenizer import load_tokenizer
+
+    ckpt = resolve_checkpoint(cfg.checkpoint, cfg.cache_dir)
+    try:
+        mcfg, _ = read_config(ckpt)
+    except (ValueError, KeyError, TypeError) as e:  # JSON errors are ValueErrors
+        raise ConfigError(f"checkpoint: {ckpt}/config.json is not a readable model config ({e})") from None
+    weights = ckpt / "model.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            if not list(f.keys()):
+                raise ValueError("it holds no tensors")
+    except Exception as e:  # noqa: BLE001 - missing, truncated or not safetensors: all say the same to the user
+        raise ConfigError(f"checkpoint: {weights} is not a readable safetensors file ({type(e).__name__}: {e})") \
+            from None
+    if cfg.tokenizer is None and not (ckpt / "tokenizer.json").is_file():
+        raise ConfigError(f"tokenizer: {ckpt} has no tokenizer.json; set the `tokenizer` field (e.g. gpt2 or the "
+                          f"tokenizer.json the model was trained with)")
+    spec = cfg.tokenizer or str(ckpt / "tokenizer.json")
+    try:
+        tok = load_tokenizer(spec)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"tokenizer: {e}") from None
+    if tok.vocab_size > mcfg.vocab_size:
+        raise ConfigError(f"tokenizer: {spec} has {tok.vocab_size} tokens, more than the model's vocab_size "
+                          f"{mcfg.vocab_size}: it is not the tokenizer this model was trained with")
+    if tok.mask_id != mcfg.mask_token_id:
+        raise ConfigError(f"tokenizer: the [MASK] id of {spec} is {tok.mask_id}, the model's mask_token_id is "
+                          f"{mcfg.mask_token_id}: it is not the tokenizer this model was trained with")
+    return ckpt, mcfg, tok
+
+
 def request_payload(req: CompletionRequest, cfg: ServeConfig, request_id: str) -> dict:
     """The request with every server default filled in: what the sampler deployment receives."""
     max_tokens = req.max_tokens if req.max_tokens is not None else cfg.default_max_tokens
     block = req.block_length if req.block_length is not None else cfg.default_block_length
-    if block is not None and block > max_tokens:
-        raise ApiError(422, "block_length", f"{block} is larger than max_tokens={max_tokens}", "invalid_value")
+    if block is not None and block > max_tokens:  # a block longer than the completion: the completion is one block
+        block = None
     return {
         "id": request_id, "prompts": req.prompts(), "n": req.n, "max_tokens": max_tokens,
         "steps": req.steps if req.steps is not None else cfg.default_steps,
@@ -292,6 +332,15 @@ def build_fastapi(ing: "CompletionsIngress"):
     def error_response(err: ApiError) -> JSONResponse:
         headers = {"Retry-After": "1"} if err.status == 503 else None
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    def openapi() -> dict:
+        """FastAPI's schema with this server's configured bounds in CompletionRequest (what check_bounds enforces)."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            schema_limits(schema["components"]["schemas"]["CompletionRequest"], cfg.limits())
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(_request, exc):
