@@ -17,7 +17,6 @@ training stage and the Serve deployment work with it unchanged.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from models.backbone import sparse_embed
+from models.config import ConfigDict
 from models.diffusion_lm import DiffusionLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,7 +36,7 @@ def _f(default: Any, doc: str) -> Any:
 
 
 @dataclass
-class HFDiffusionConfig:
+class HFDiffusionConfig(ConfigDict):
     """Config of an HF-backed diffusion LM (``"backbone": "hf"`` in a checkpoint's config.json)."""
 
     hf_config: dict = _f(None, "transformers config (PretrainedConfig.to_dict()): rebuilds the architecture offline")
@@ -83,16 +83,6 @@ class HFDiffusionConfig:
 
     time_conditioning = property(lambda self: False, doc="HF backbones take no time input")
     self_conditioning = property(lambda self: False, doc="no self-conditioning projection")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "HFDiffusionConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown HFDiffusionConfig field(s) {sorted(unknown)}")
-        return cls(**d)
 
 
 def make_bidirectional(causal_lm: nn.Module) -> int:
