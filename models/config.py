@@ -30,7 +30,7 @@ class ConfigDict:
 
 class TransformerConfig(ConfigDict):
     """What every transformer config of ours shares (fields vocab_size, mask_token_id, d_model, n_layers, n_heads,
-    max_seq_len, dropout, softmask_k, vocab_pad_multiple): their validation and the derived sizes."""
+    max_seq_len, dropout, softmask_k, softmask_init_scale, vocab_pad_multiple): their validation and the derived sizes."""
 
     def _validate(self, extra: dict[str, bool]) -> None:
         """[MASK] defaults to the last id; ValueError naming every field whose check (shared + ``extra``) fails."""
@@ -46,6 +46,7 @@ class TransformerConfig(ConfigDict):
             "dropout": 0.0 <= self.dropout < 1.0,
             "softmask_k": self.softmask_k is None or 1 <= self.softmask_k < self.vocab_size,
             "vocab_pad_multiple": self.vocab_pad_multiple >= 1,
+            "softmask_init_scale": 0.0 < self.softmask_init_scale < 1.0,
             **extra,
         }
         bad = [k for k, ok in checks.items() if not ok]
@@ -79,6 +80,7 @@ class ModelConfig(TransformerConfig):
     rope_base: float = _f(10000.0, "rotary position embedding base")
     time_conditioning: bool = _f(False, "add an embedding of the diffusion time t to every position (off: as MDLM OWT)")
     softmask_k: int | None = _f(3, "top-k tokens mixed into a still-masked position; None = full vocab + learnable temperature")
+    softmask_init_scale: float = _f(1e-6, "initial ω_s of the SM head (paper: 1e-6, SM off at init)")
     self_conditioning: bool = _f(False, "build the self-conditioning input projection (baseline objective)")
     init_std: float = _f(0.02, "std of the normal weight init")
     norm_eps: float = _f(1e-5, "LayerNorm epsilon")

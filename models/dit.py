@@ -63,6 +63,8 @@ class DiTConfig(TransformerConfig):
     noise_eps: float = _f(1e-3, "ε of the log-linear schedule α_t = 1 − (1 − ε)·t that turns t into σ")
     softmask_k: int | None = _f(3, "top-k tokens mixed into a still-masked position; None = full vocab + "
                                    "learnable temperature")
+    softmask_init_scale: float = _f(1e-6, "initial ω_s of the SM head (paper: 1e-6, SM off at init); a checkpoint's "
+                                          "learned ω replace it")
     self_conditioning: bool = _f(False, "build the self-conditioning input projection (baseline objective)")
     norm_eps: float = _f(1e-5, "LayerNorm epsilon (MDLM: torch's default 1e-5)")
     vocab_pad_multiple: int = _f(1, "round the embedding / output rows up to a multiple of this many (64 keeps GPU "

@@ -90,7 +90,7 @@ def test_sm_feedback_matches_the_sm_codes_two_pass_forward():
         two_pass = model(x_t, t, two_pass=True)  # the training objective's pass 1 -> head -> pass 2
         one_pass = model(x_t, t)
         z = model(x_t, t)[x_t == MASK]
-        ids, w = model.sm_head.mix(x_t, x_t == MASK, z)
+        ids, w, _ = model.sm_head.mix(x_t, x_t == MASK, z)
     ref = masked_logprobs(GOLDEN["sm.logits_pass2"], x_t)
     torch.testing.assert_close(masked_logprobs(two_pass, x_t), ref, atol=ATOL, rtol=0)
     assert (masked_logprobs(one_pass, x_t) - ref).abs().max() > 100 * ATOL  # the feedback changes the prediction
