@@ -16,6 +16,7 @@ BUNDLE=${BUNDLE:-/tmp/bundle}  # DeepSpeed wheels carried by `benchmarks/device_
 export PYTHONWARNINGS=ignore::FutureWarning,ignore::DeprecationWarning
 if [[ "${TOY:-0}" == "1" ]]; then
   export DS_ACCELERATOR=cpu
+  export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}  # DeepSpeed's CPU op, built by make install
   exec timeout 600 "$PY" benchmarks/bench_train.py --only gpu --backbone "${BACKBONE:-core}" --flavor debug \
     --seq-len 64 --micro 2 --steps 3 --warmup 1 --device-name "${DEVICE_NAME:-H100 (toy run on CPU: MFU meaningless)}" "$@"
 fi
