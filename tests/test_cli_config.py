@@ -16,6 +16,7 @@ RECIPES = {
     "finetune_sft.yaml": "train", "finetune_dream7b_sm.yaml": "train", "pretrain_owt_small.yaml": "run",
     "adapt_smollm2_cpu.yaml": "train", "finetune_qwen_coder_sm.yaml": "train",
     "preprocess_code_qwen.yaml": "preprocess",
+    "continue_mdlm_owt_sm.yaml": "run", "continue_mdlm_owt_binary.yaml": "run",
     "serve_debug.yaml": "serve",
     "experiment_micro.yaml": "experiment", "sm_vs_binary.yaml": "experiment",
 }
