@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from infra.config import ConfigError, field, require
 from infra.net import free_port
-from workers.serving import ServeConfig, as_serve_config, build_app, check_model
+from workers.serving import build_app
+from workers.serving_config import ServeConfig, as_serve_config, check_model
 
 
 @dataclass
