@@ -212,10 +212,11 @@ def cli_main(cfg, extras: dict) -> int:
     from infra.cluster import LocalRayCluster
     from infra.ray_runtime import RayConfig, apply_default_env, init_ray
     from pipelines.orchestration import PrefectServer
-    from pipelines.workflow import preflight, run_workflow
+    from pipelines.workflow import forced_stages, preflight, run_workflow
 
     apply_default_env()
-    preflight(cfg)  # a bad source or init_checkpoint fails here, before a server or cluster starts
+    forced_stages(extras.get("force"))  # an unknown --force stage, a bad source or init_checkpoint fail here,
+    preflight(cfg)                      # before a server or cluster starts
     cluster = server = None
     completed = interrupted = False
     env_before = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "PREFECT_API_URL")}
