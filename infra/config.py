@@ -122,7 +122,7 @@ def from_dict(cls: type, data: dict | None, path: str = "") -> Any:
     kwargs = {name: _coerce(val, hints[name], f"{path}.{name}" if path else name) for name, val in data.items()}
     try:
         return cls(**kwargs)
-    except ConfigError as e:
+    except ValueError as e:  # ConfigError, or a torch-side config (models/) that reports "<field>: <problem>"
         raise ConfigError(f"{path}.{e}" if path and not str(e).startswith(path) else str(e)) from None
 
 

@@ -1,9 +1,22 @@
-"""softmask models: pure PyTorch masked diffusion LM with soft-masking. No ray/deepspeed/distributed imports."""
-from models.checkpoint import load_pretrained, read_config, save_pretrained
-from models.config import FLAVORS, ModelConfig
-from models.diffusion_lm import DiffusionLM, build_model
-from models.hf_backbone import HFDiffusionConfig, HFDiffusionLM
-from models.registry import BACKBONES, build_from_config, config_from_dict
+"""softmask models: pure PyTorch masked diffusion LM with soft-masking. No ray/deepspeed/distributed imports.
 
-__all__ = ["BACKBONES", "FLAVORS", "DiffusionLM", "HFDiffusionConfig", "HFDiffusionLM", "ModelConfig",
-           "build_from_config", "build_model", "config_from_dict", "load_pretrained", "read_config", "save_pretrained"]
+The package itself imports nothing heavy: ``models.names`` (the shared names) is importable without torch, and the
+exports below load their module on first use."""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "load_pretrained": "models.checkpoint", "read_config": "models.checkpoint", "save_pretrained": "models.checkpoint",
+    "FLAVORS": "models.config", "ModelConfig": "models.config",
+    "DiffusionLM": "models.diffusion_lm", "build_model": "models.diffusion_lm",
+    "HFDiffusionConfig": "models.hf_backbone", "HFDiffusionLM": "models.hf_backbone",
+    "BACKBONES": "models.registry", "build_from_config": "models.registry", "config_from_dict": "models.registry",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

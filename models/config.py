@@ -27,6 +27,7 @@ class ModelConfig:
     rope_base: float = _f(10000.0, "rotary position embedding base")
     time_conditioning: bool = _f(False, "add an embedding of the diffusion time t to every position (off: as MDLM OWT)")
     softmask_k: int | None = _f(3, "top-k tokens mixed into a still-masked position; None = full vocab + learnable temperature")
+    softmask_init_scale: float = _f(1e-6, "initial ω_s of the SM head (paper: 1e-6, SM off at init)")
     self_conditioning: bool = _f(False, "build the self-conditioning input projection (baseline objective)")
     init_std: float = _f(0.02, "std of the normal weight init")
     norm_eps: float = _f(1e-5, "LayerNorm epsilon")
@@ -46,6 +47,7 @@ class ModelConfig:
             "dropout": 0.0 <= self.dropout < 1.0,
             "softmask_k": self.softmask_k is None or 1 <= self.softmask_k < self.vocab_size,
             "vocab_pad_multiple": self.vocab_pad_multiple >= 1,
+            "softmask_init_scale": 0.0 < self.softmask_init_scale < 1.0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

@@ -7,6 +7,8 @@ suppressed.
   masked now that have a previous prediction, any other masked position (e.g. one remasked by ReMDM) is pure [MASK].
 - two_pass=True (training): pass 1 under no_grad on the same x_t with pure masks gives the feedback, pass 2 runs with
   gradients to the backbone and the SM scalars (ω reach the loss only through λ in pass 2).
+- with_stats=True: returns (logits, stats), stats the SM head's :class:`models.softmask.FeedbackStats` of this
+  forward's feedback (λ and the gate-open count over the fed rows), None when nothing was fed back.
 - masked_only=True: logits (M, V) of the still-masked rows of x_t only (row-major, = logits[x_t == mask]); the output
   layer and everything after it then run on ~half the positions (the loss reads nothing else); ``rows`` may then pass
   ``flat_rows(x_t == mask)`` in, computed once by the caller. Otherwise ``rows`` (B, L) bool, or its flat indices (M,)
@@ -26,7 +28,7 @@ import torch.nn as nn
 from models.backbone import Backbone, Gather, no_gather, sparse_embed
 from models.config import ModelConfig
 from models.schedule import flat_rows
-from models.softmask import SoftMaskHead
+from models.softmask import FeedbackStats, SoftMaskHead
 
 NEG_INF = -1e6  # finite "−∞" for the [MASK] logit (as MDLM): keeps softmax/entropy NaN-free
 
@@ -34,10 +36,15 @@ NEG_INF = -1e6  # finite "−∞" for the [MASK] logit (as MDLM): keeps softmax/
 @dataclass
 class MaskedLogits:
     """A prediction kept only where it is read: ``z`` (M, V) holds the logits of the True positions of ``rows`` (B, L),
-    in row-major order (= dense[rows]). The samplers keep their predictions in this form."""
+    in row-major order (= dense[rows]). The samplers keep their predictions in this form.
+
+    ``tokens`` (B, L), when given, are the input tokens of the forward that made the prediction: under SUBS its output
+    at a position that was not masked is the one-hot of that token (log-probability 0 there, −∞ elsewhere). Feedback
+    reads that one-hot at a position decoded then and remasked since (ReMDM), as the paper's code does."""
 
     rows: torch.Tensor  # (B, L) bool
     z: torch.Tensor     # (M, V)
+    tokens: torch.Tensor | None = None  # (B, L) long
 
     def at(self, sel: torch.Tensor) -> torch.Tensor:
         """Logits (M', V) of the positions ``sel`` (B, L) bool, row-major; every one of them must be in ``rows``."""
@@ -58,13 +65,12 @@ class DiffusionLM(nn.Module):
         # Any module with the Backbone interface (hidden/forward/embed/lm_head) may stand in, e.g. models.hf_backbone.
         with partition():
             self.backbone = backbone if backbone is not None else Backbone(cfg)
-        self.sm_head = SoftMaskHead(k=cfg.softmask_k)
+        self.sm_head = SoftMaskHead(k=cfg.softmask_k, omega_s=cfg.softmask_init_scale)
         # Self-conditioning baseline (Analog-Bits style): projected top-k estimate of x̂0 added at ALL positions.
         with partition():
             self.sc_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.self_conditioning else None
         if self.sc_proj is not None:
             nn.init.zeros_(self.sc_proj.weight)  # starts as the binary model (partitioned: redone by init_parameters)
-        self.last_stats: dict[str, torch.Tensor] = {}
 
     def init_parameters(self, gather: Gather = no_gather) -> None:
         """Re-run the constructor's initialisation with each module's parameters made whole by ``gather``.
@@ -91,15 +97,29 @@ class DiffusionLM(nn.Module):
             logits[..., self.config.vocab_size:] = NEG_INF  # padding rows (vocab_pad_multiple) are not tokens
         return logits
 
+    def _previous_rows(self, masked: torch.Tensor, prev: MaskedLogits) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fed (B, L) bool, z (M, V)): the positions masked now that have a previous prediction, and its logits —
+        a stored row, or the SUBS one-hot of the token a position held when predicted (remasked since)."""
+        has = masked & prev.rows  # masked now and predicted while masked
+        z = prev.z.detach()[has[prev.rows]]  # (M_has, V)
+        hard = None if prev.tokens is None else masked & ~prev.rows & (prev.tokens != self.mask_id)
+        if hard is None or not bool(hard.any()):
+            return has, z
+        fed = has | hard
+        zf = z.new_full((int(fed.sum()), z.shape[-1]), NEG_INF)  # (M, V)
+        soft = has[fed]  # (M,): rows that have stored logits (the others are one-hot)
+        zf[soft] = z
+        zf[(~soft).nonzero().squeeze(1), prev.tokens[hard]] = 0.0  # log p = 0 on the token held, −∞ elsewhere
+        return fed, zf
+
     def feedback_input(self, x_t: torch.Tensor, prev_logits: torch.Tensor | MaskedLogits,
                        sm_scale: torch.Tensor | None = None):
         """Build the pass-2 input from a (detached) previous prediction, dense (B, L, V) or :class:`MaskedLogits`.
         Only positions masked in x_t read it. ``sm_scale`` (B,): per-sample factor on ω_s (SM transparency
-        scheduling; SM head only). Returns (inputs, extra)."""
+        scheduling; SM head only). Returns (inputs, extra, stats)."""
         masked = x_t == self.mask_id  # (B, L)
         if isinstance(prev_logits, MaskedLogits):
-            fed = masked & prev_logits.rows  # masked now and predicted before
-            z = prev_logits.z.detach()[fed[prev_logits.rows]]  # (M, V)
+            fed, z = self._previous_rows(masked, prev_logits)
         else:
             fed, z = masked, prev_logits.detach()[masked]
         if self.sc_proj is not None:
@@ -111,10 +131,9 @@ class DiffusionLM(nn.Module):
             pi[..., 0] = 1.0
             ids[fed], pi[fed] = top_ids, torch.softmax(top_z, dim=-1)
             estimate = sparse_embed(self.backbone.embed.weight, ids, pi)  # (B, L, d)
-            return x_t, self.sc_proj(estimate)
-        ids, w = self.sm_head.mix(x_t, fed, z, scale=sm_scale)  # (B, L, k+1) each
-        self.last_stats = {"lambda_mean": self.sm_head.last_lambda}
-        return (ids, w), None
+            return x_t, self.sc_proj(estimate), None
+        ids, w, stats = self.sm_head.mix(x_t, fed, z, scale=sm_scale)  # (B, L, k+1) each
+        return (ids, w), None, stats
 
     @torch.no_grad()
     def _pass_one_sm_input(self, x_t: torch.Tensor, t, flat: torch.Tensor) -> torch.Tensor:
@@ -122,28 +141,34 @@ class DiffusionLM(nn.Module):
         else)."""
         z = self.backbone.lm_head(self.backbone.hidden(x_t, t).flatten(0, 1).index_select(0, flat))  # (M, V)
         z[:, self.mask_id] = NEG_INF
+        if z.shape[-1] > self.config.vocab_size:
+            z[:, self.config.vocab_size:] = NEG_INF  # padding columns: not tokens, out of the entropy and the top-k
         return z
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | None = None, *, two_pass: bool = False,
                 prev_logits: torch.Tensor | MaskedLogits | None = None, masked_only: bool = False,
-                rows: torch.Tensor | None = None, sm_scale: torch.Tensor | None = None) -> torch.Tensor:
+                rows: torch.Tensor | None = None, sm_scale: torch.Tensor | None = None, with_stats: bool = False):
         if masked_only:  # ``rows`` may bring flat_rows(x_t == mask) in already (the training loss has it)
             rows = flat_rows(x_t == self.mask_id) if rows is None else rows  # (M,): this forward's one host wait
+        stats: FeedbackStats | None = None
         if prev_logits is None and two_pass and self.sc_proj is None:
             masked = x_t == self.mask_id  # (B, L)
             flat = rows if masked_only else flat_rows(masked)
             z = self._pass_one_sm_input(x_t, t, flat)  # pass 1: same x_t, pure masks, current θ, no grad
-            ids, w = self.sm_head.mix(x_t, masked, z, flat)  # grads reach ω through w only
+            ids, w, stats = self.sm_head.mix(x_t, masked, z, flat)  # grads reach ω through w only
             del z
-            self.last_stats = {"lambda_mean": self.sm_head.last_lambda}
-            return self._predict((ids, w), t, rows=rows)  # pass 2
-        if prev_logits is None and two_pass:
-            with torch.no_grad():  # self-conditioning: the estimate is read at the masked positions only
-                prev_logits = MaskedLogits(x_t == self.mask_id, self._predict(x_t, t, rows=x_t == self.mask_id))
-        if prev_logits is None:
-            return self._predict(x_t, t, rows=rows)
-        inputs, extra = self.feedback_input(x_t, prev_logits, sm_scale)
-        return self._predict(inputs, t, extra, rows=rows)
+            logits = self._predict((ids, w), t, rows=rows)  # pass 2
+        else:
+            if prev_logits is None and two_pass:
+                with torch.no_grad():  # self-conditioning: the estimate is read at the masked positions only
+                    sel = x_t == self.mask_id
+                    prev_logits = MaskedLogits(sel, self._predict(x_t, t, rows=sel))
+            if prev_logits is None:
+                logits = self._predict(x_t, t, rows=rows)
+            else:
+                inputs, extra, stats = self.feedback_input(x_t, prev_logits, sm_scale)
+                logits = self._predict(inputs, t, extra, rows=rows)
+        return (logits, stats) if with_stats else logits
 
     def num_params(self, include_embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

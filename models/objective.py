@@ -7,35 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from models.objective_config import ObjectiveConfig
 from models.schedule import build_schedule, flat_rows, mask_tokens, sample_t
-
-OBJECTIVES = ("binary", "sm", "self_cond")
-
-
-@dataclass
-class ObjectiveConfig:
-    kind: str = field(default="sm", metadata={"doc": "binary (MDLM) | sm (soft-masking, two-pass) | self_cond (baseline)"})
-    p_sm: float = field(default=0.8, metadata={"doc": "probability that a batch takes the two-pass feedback step"})
-    schedule: str = field(default="loglinear", metadata={"doc": "noise schedule: loglinear | cosine"})
-    eps: float = field(default=1e-3, metadata={"doc": "schedule epsilon and smallest t"})
-    antithetic: bool = field(default=True, metadata={"doc": "antithetic t over the global batch"})
-    t_max: float = field(default=1.0, metadata={"doc": "largest t (Dream fine-tuning uses 0.8 with t_min 0.2)"})
-    t_min: float | None = field(default=None, metadata={"doc": "smallest t (None = eps)"})
-
-    def __post_init__(self):
-        if self.kind not in OBJECTIVES:
-            raise ValueError(f"objective.kind must be one of {OBJECTIVES}, got {self.kind!r}")
-        if not 0.0 <= self.p_sm <= 1.0:
-            raise ValueError(f"objective.p_sm must be in [0, 1], got {self.p_sm}")
-        if not 0 < (self.t_min or self.eps) < self.t_max <= 1.0:
-            raise ValueError("objective: need 0 < t_min < t_max <= 1")
-
+from models.softmask import entropy_topk, gate_open_count
 
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
@@ -85,41 +64,55 @@ def masked_elbo_terms(z: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, t
     return weight * nll
 
 
-def _noised(x0, obj, seed, step, rank, world, loss_mask, mask_id):
+def noise_batch(x0, obj, seed, step, rank, world, loss_mask, mask_id):
+    """(t (B,), x_t (B, L), schedule): the training noise of one batch, derived from (seed, step, rank)."""
     shared, local = generators(seed, step, rank)
     schedule = build_schedule(obj.schedule, obj.eps)
     t = sample_t(x0.shape[0], shared=shared, local=local, antithetic=obj.antithetic, rank=rank, world=world,
-                 t_min=obj.t_min or obj.eps, t_max=obj.t_max).to(x0.device)
-    x_t = mask_tokens(x0, t, schedule, mask_id, local, loss_mask)
+                 t_min=obj.t_min or obj.eps, t_max=obj.t_max, per_batch=obj.per_batch_t).to(x0.device)
+    x_t = mask_tokens(x0, t, schedule, mask_id, local, loss_mask, min_one=obj.min_one_masked)
     return t, x_t, schedule
 
 
 def training_loss(model, x0: torch.Tensor, obj: ObjectiveConfig, *, seed: int, step: int, rank: int = 0,
                   world: int = 1, loss_mask: torch.Tensor | None = None, two_pass: bool | None = None,
-                  mask_id: int | None = None, nll: NLL = token_nll):
+                  mask_id: int | None = None, nll: NLL = token_nll, gate_centre: float | None = None):
     """(loss, metrics). ``model`` is a DiffusionLM or anything with its forward (a DeepSpeed engine); ``nll``: the
     per-token cross-entropy (:func:`token_nll`, or its compiled form from ``models.compile.compiled_token_nll``).
 
-    loss = Σ_masked w(t)·NLL / #scored tokens (the per-token ELBO estimate). ``loss_mask`` (B, L): 1 where a token
-    may be masked and is scored, 0 for prompt tokens / ignored padding (never masked).
+    loss = Σ_masked w(t)·NLL / #scored tokens (the per-token ELBO estimate), or / #masked tokens with
+    ``obj.loss_norm == "masked"`` (Dream). ``loss_mask`` (B, L): 1 where a token may be masked and is scored, 0 for
+    prompt tokens / ignored padding (never masked).
+
+    Gate diagnostics: on a soft-masking two-pass step the metrics carry ``lambda_mean`` and ``gate_open`` (the share
+    of masked positions whose pass-1 prediction opens the SM gate, σ(ω_a(−H − ω_b)) >= 0.5); on a one-pass step of any
+    objective ``gate_centre`` (the head's current ω_b, passed by a trainer on the steps it logs) gives ``gate_open``
+    of this step's prediction, which reads pure masks just as pass 1 does.
     """
     inner = getattr(model, "module", model)
     mask_id = inner.mask_id if mask_id is None else mask_id
     if two_pass is None:
         two_pass = uses_two_pass(obj, seed, step)
-    t, x_t, schedule = _noised(x0, obj, seed, step, rank, world, loss_mask, mask_id)
+    t, x_t, schedule = noise_batch(x0, obj, seed, step, rank, world, loss_mask, mask_id)
     masked = x_t == mask_id  # (B, L)
     flat = flat_rows(masked)  # (M,): the step's one wait for the device; every gather below is by index
-    z = model(x_t, t, two_pass=two_pass, masked_only=True, rows=flat)  # (M, V): output layer on masked rows only
+    z, fb = model(x_t, t, two_pass=two_pass, masked_only=True, rows=flat, with_stats=True)  # (M, V): masked rows
     terms = masked_elbo_terms(z, x0, flat, t, schedule, nll)
-    denom = loss_mask.sum().clamp_min(1) if loss_mask is not None else torch.tensor(x0.numel())
+    if obj.loss_norm == "masked":
+        denom = torch.tensor(max(int(flat.numel()), 1))
+    else:
+        denom = loss_mask.sum().clamp_min(1) if loss_mask is not None else torch.tensor(x0.numel())
     loss = terms.sum() / denom.to(terms.device)
     # 0-dim tensors, not floats: reading them (float(), .item()) waits for the device, so callers do it only when
     # they log; a step that is not logged never stalls on its metrics
     metrics = {"loss": loss.detach(), "masked_frac": masked.float().mean(), "two_pass": float(two_pass),
                "t_mean": t.mean()}
-    if two_pass and "lambda_mean" in inner.last_stats:
-        metrics["lambda_mean"] = inner.last_stats["lambda_mean"].detach()
+    if fb is not None and fb.rows:
+        metrics["lambda_mean"] = fb.lambda_sum / fb.rows
+        metrics["gate_open"] = fb.gate_open / fb.rows
+    elif gate_centre is not None and not two_pass and flat.numel():
+        neg_h, _, _ = entropy_topk(z.detach(), 1)  # (M,)
+        metrics["gate_open"] = gate_open_count(neg_h, gate_centre) / flat.numel()
     return loss, metrics
 
 
@@ -128,7 +121,7 @@ def validation_nll(model, x0: torch.Tensor, obj: ObjectiveConfig, *, seed: int =
                    two_pass: bool = False, loss_mask: torch.Tensor | None = None) -> tuple[float, int]:
     """(Σ weighted NLL, #scored tokens) for one batch; exp(Σ/n) over a split is the perplexity bound."""
     inner = getattr(model, "module", model)
-    t, x_t, schedule = _noised(x0, obj, seed, step, 0, 1, loss_mask, inner.mask_id)
+    t, x_t, schedule = noise_batch(x0, obj, seed, step, 0, 1, loss_mask, inner.mask_id)
     masked = x_t == inner.mask_id
     terms = masked_elbo_terms(model(x_t, t, two_pass=two_pass, masked_only=True), x0, masked, t, schedule)
     n = int(loss_mask.sum()) if loss_mask is not None else x0.numel()

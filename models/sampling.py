@@ -2,9 +2,11 @@
 
     out = sample(model, SamplerConfig(steps=64, algorithm="ancestral"), num_samples=4, length=128, seed=0)
 
-One forward pass per denoising step. With ``soft_mask`` the previous step's *unfiltered* prediction is fed back
-through the model's SM head, so SM adds no forward pass (``out.nfe`` counts forwards). Prompt / fixed positions are
-never changed; the time grid ends at t = 0, so no [MASK] remains at the end.
+At most one forward pass per denoising step. With ``soft_mask`` the previous step's *unfiltered* prediction is fed
+back through the model's SM head, so SM adds no forward pass. As the paper's code: the time grid runs from 1 to
+``t_eps`` (1e-5), then the positions still masked get one noise-removal forward (with SM feedback) and its argmax; a
+step whose update changed no token lets the next step reuse its prediction without a forward (``cache_unchanged``),
+and ``out.nfe`` counts the forwards that ran. Prompt / fixed positions are never changed; no [MASK] remains at the end.
 
 The output layer runs only where a prediction is read (``MaskedLogits``): the still-masked positions with soft-masking
 (their feedback), the current block's masked positions without it. Decoded and prompt positions cost the backbone only.
@@ -17,9 +19,10 @@ from typing import Callable
 import torch
 
 from models.diffusion_lm import MaskedLogits
+from models.names import ALGORITHMS, TOP_P_RULES, TRANSFER_RULES, TRANSPARENCY as TRANSPARENCY_NAMES, check_registry
 from models.sampling_rules import UPDATE_RULES, StepContext
+from models.softmask import FeedbackStats
 
-ALGORITHMS = tuple(UPDATE_RULES)
 EOS_POLICIES = ("none", "pad_after_eos")
 
 # Transparency scheduling (the paper's Dream ablation): ω_s of the SM head is scaled by a function of frac, the
@@ -29,6 +32,7 @@ TRANSPARENCY: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
     "linear": lambda frac: frac,                    # ω_s · frac
     "stepwise": lambda frac: (frac > 0.5).float(),  # ω_s while more than half is masked, then 0 (binary)
 }
+check_registry("transparency schedules", TRANSPARENCY_NAMES, TRANSPARENCY)
 
 
 @dataclass
@@ -38,6 +42,17 @@ class SamplerConfig:
     soft_mask: bool = field(default=True, metadata={"doc": "feed the previous prediction back through the SM head"})
     temperature: float = field(default=1.0, metadata={"doc": "softmax temperature of the sampling copy (0 = greedy)"})
     top_p: float = field(default=1.0, metadata={"doc": "nucleus mass kept on the sampling copy (1 = off)"})
+    top_p_rule: str = field(default="mdlm", metadata={"doc": f"nucleus boundary, one of {TOP_P_RULES}: mdlm keeps "
+                                                             "tokens while the cumulative probability <= top_p "
+                                                             "(always the first; the paper's code), dream also keeps "
+                                                             "the token that crosses it"})
+    t_eps: float = field(default=1e-5, metadata={"doc": "the time grid runs from 1 to t_eps (the paper's 1e-5, Dream's "
+                                                        "1e-3); what is still masked then gets the noise-removal "
+                                                        "forward and its argmax"})
+    transfer_rule: str = field(default="round", metadata={"doc": f"confidence rules, one of {TRANSFER_RULES}: round "
+                                                                 "reveals round(#masked · (1 − s/t)) per sample (at "
+                                                                 "least 1); dream floor(batch mean · (1 − s/t)) as "
+                                                                 "Dream's sampler"})
     block_length: int | None = field(default=None, metadata={"doc": "semi-autoregressive block size (None = one block)"})
     eta: float | None = field(default=None, metadata={"doc": "ReMDM remasking η (None = the paper's value: 0.04 for "
                                                               "remdm_cap, 0.02 for remdm_loop)"})
@@ -47,8 +62,9 @@ class SamplerConfig:
     eos_id: int | None = field(default=None, metadata={"doc": "EOS id used by eos_policy"})
     eos_policy: str = field(default="none", metadata={"doc": "none | pad_after_eos (everything after the first "
                                                              "generated EOS becomes EOS)"})
-    cache_unchanged: bool = field(default=False, metadata={"doc": "reuse the last prediction when no token changed "
-                                                                  "(skips forwards; NFE then depends on the trajectory)"})
+    cache_unchanged: bool = field(default=True, metadata={"doc": "reuse the last prediction when a step changed no "
+                                                                 "token, without a forward (the paper's code; models "
+                                                                 "without time conditioning); NFE counts forwards run"})
     transparency: str = field(default="none", metadata={"doc": "SM transparency scheduling: none | linear (ω_s · "
                                                            "masked fraction) | stepwise (ω_s while over half is "
                                                            "masked, then 0); soft-masking models only"})
@@ -63,6 +79,12 @@ class SamplerConfig:
             problems.append(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_p_rule not in TOP_P_RULES:
+            problems.append(f"top_p_rule must be one of {TOP_P_RULES}, got {self.top_p_rule!r}")
+        if self.transfer_rule not in TRANSFER_RULES:
+            problems.append(f"transfer_rule must be one of {TRANSFER_RULES}, got {self.transfer_rule!r}")
+        if not 0 <= self.t_eps < 1:
+            problems.append(f"t_eps must be in [0, 1), got {self.t_eps}")
         if self.block_length is not None and self.block_length < 1:
             problems.append(f"block_length must be >= 1, got {self.block_length}")
         if self.eos_policy not in EOS_POLICIES:
@@ -91,8 +113,10 @@ class SamplerConfig:
 @dataclass
 class SampleOutput:
     tokens: torch.Tensor  # (N, L) long
-    nfe: int
+    nfe: int              # forwards that ran
     trajectory: list[torch.Tensor] | None = None  # per step (N, L), when requested
+    lambda_mean: float | None = None  # mean λ over every position soft-masking fed (None: no SM feedback ran)
+    gate_open: float | None = None    # share of those positions whose SM gate was open (>= 0.5)
 
 
 def _initial_state(num_samples, length, mask_id, prompt_ids, fixed_tokens, fixed_mask, device):
@@ -157,12 +181,23 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
 
     blocks = _blocks(length, cfg.block_length)
     steps_per_block = max(1, cfg.steps // len(blocks))
-    prev_logits, cached, nfe, step_idx = None, None, 0, 0
+    reuse = cfg.cache_unchanged and not model.config.time_conditioning  # same x -> same prediction
+    prev_logits, nfe, step_idx, fed = None, 0, 0, None
     trajectory = [] if return_trajectory else None
     positions = torch.arange(length, device=device)
+
+    def forward(x: torch.Tensor, t: float, rows: torch.Tensor | None, masked: torch.Tensor) -> torch.Tensor:
+        nonlocal nfe, fed
+        t_vec = torch.full((num_samples,), t, device=device)
+        z, stats = model(x, t_vec, rows=rows, masked_only=rows is None, with_stats=True, **feedback(masked))
+        nfe += 1
+        if stats is not None and stats.rows:
+            fed = stats if fed is None else fed + stats
+        return z
+
     for a, b in blocks:
         in_block = (positions >= a) & (positions < b)  # (L,)
-        ts = torch.linspace(1.0, 0.0, steps_per_block + 1, dtype=torch.float64)
+        ts = torch.linspace(1.0, cfg.t_eps, steps_per_block + 1, dtype=torch.float64)
         cached = None  # a cached prediction may not cover the next block's positions
         for i in range(steps_per_block):
             masked = x == mask_id
@@ -174,14 +209,11 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
                 logits = cached
             else:
                 rows = masked if cfg.soft_mask else active  # where this prediction will be read
-                t_vec = torch.full((num_samples,), t, device=device)
-                logits = MaskedLogits(rows, model(x, t_vec, rows=rows, **feedback(masked)))
-                nfe += 1
+                logits = MaskedLogits(rows, forward(x, t, rows, masked), tokens=x)
             ctx = StepContext(x=x, logits=logits, t=t, s=s, active=active, decoded=~masked & in_block & ~fixed,
                               mask_id=mask_id, cfg=cfg, generator=gen, last=(i == steps_per_block - 1))
             x_new = rule(ctx)
-            changed = bool((x_new != x).any())
-            cached = logits if (cfg.cache_unchanged and not changed and not model.config.time_conditioning) else None
+            cached = logits if reuse and bool((x_new == x).all()) else None
             x, prev_logits = x_new, logits
             step_idx += 1
             if trajectory is not None:
@@ -189,12 +221,11 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
             if on_step is not None:
                 on_step(step_idx, x)
     masked = x == mask_id
-    if masked.any():  # safety net: one more forward (with feedback), then argmax
-        t_vec = torch.zeros((num_samples,), device=device)
-        z = model(x, t_vec, masked_only=True, **feedback(masked))  # (M, V)
-        nfe += 1
+    if masked.any():  # noise removal: one forward with the feedback of the last prediction, then argmax
+        z = forward(x, cfg.t_eps, None, masked)  # (M, V)
         x = x.masked_scatter(masked, z.argmax(-1))
     if cfg.eos_policy == "pad_after_eos":
         x = _pad_after_eos(x, fixed, cfg.eos_id)
     model.train(was_training)
-    return SampleOutput(tokens=x, nfe=nfe, trajectory=trajectory)
+    means = fed.means() if fed is not None else {"lambda_mean": None, "gate_open": None}
+    return SampleOutput(tokens=x, nfe=nfe, trajectory=trajectory, **means)

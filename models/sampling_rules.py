@@ -1,9 +1,9 @@
 """Per-step update rules of the samplers (registry: name -> rule(ctx) -> new tokens).
 
 Each rule sees the current tokens, the model's prediction (``MaskedLogits``: rows for at least the ``active``
-positions) and the step's times t > s on the grid
-1 -> 0, and only changes ``ctx.active`` (still-masked, in-block, not fixed) positions — ReMDM also remasks
-``ctx.decoded`` ones. Times use α_t = 1 − t.
+positions) and the step's times t > s on the grid 1 -> t_eps, and only changes ``ctx.active`` (still-masked,
+in-block, not fixed) positions — ReMDM also remasks ``ctx.decoded`` ones. Times use α_t = 1 − t. The ancestral and
+ReMDM rules never force a position: what is still masked after the grid gets the sampler's noise-removal step.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+
+from models.names import ALGORITHMS, check_registry
 
 _CHUNK_ELEMS = 1 << 24  # rows per Gumbel chunk bounded by this many float64 elements (~128 MB)
 
@@ -29,20 +31,24 @@ class StepContext:
     last: bool
 
 
-def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose mass reaches top_p (rows renormalised)."""
+def nucleus(probs: torch.Tensor, top_p: float, rule: str = "mdlm") -> torch.Tensor:
+    """Nucleus filtering of probs (M, V), rows renormalised. ``mdlm`` (the paper's language-model code): keep the
+    tokens, most probable first, while the cumulative probability is <= top_p, and always the first; ``dream``
+    (Dream's and Hugging Face's rule): also keep the token whose probability crosses top_p."""
     if top_p >= 1.0:
         return probs
     sorted_p, idx = probs.sort(dim=-1, descending=True)
-    drop = (sorted_p.cumsum(-1) - sorted_p) > top_p
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    cum = sorted_p.cumsum(-1)  # (M, V)
+    keep = (cum - sorted_p) <= top_p if rule == "dream" else cum <= top_p
+    keep[..., 0] = True
+    sorted_p = sorted_p * keep
     out = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
     return out / out.sum(-1, keepdim=True)
 
 
-def sampling_probs(z: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+def sampling_probs(z: torch.Tensor, temperature: float, top_p: float, rule: str = "mdlm") -> torch.Tensor:
     """The sampling copy (M, V): temperature then nucleus; SM feedback keeps using the unfiltered logits."""
-    return nucleus(torch.softmax(z.float() / max(temperature, 1e-6), dim=-1), top_p)
+    return nucleus(torch.softmax(z.float() / max(temperature, 1e-6), dim=-1), top_p, rule)
 
 
 def draw(z: torch.Tensor, cfg, generator: torch.Generator) -> torch.Tensor:
@@ -54,7 +60,7 @@ def draw(z: torch.Tensor, cfg, generator: torch.Generator) -> torch.Tensor:
     out = []
     rows = max(1, _CHUNK_ELEMS // z.shape[-1])
     for chunk in z.split(rows):
-        logp = sampling_probs(chunk, cfg.temperature, cfg.top_p).double().log()
+        logp = sampling_probs(chunk, cfg.temperature, cfg.top_p, cfg.top_p_rule).double().log()
         u = torch.rand(logp.shape, generator=generator, device=z.device, dtype=torch.float64)
         out.append((logp - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1))
     return torch.cat(out)
@@ -68,7 +74,7 @@ def _unmask_with_prob(ctx: StepContext, p_unmask: float, x_new: torch.Tensor) ->
     idx = ctx.active.nonzero(as_tuple=True)
     if idx[0].numel() == 0:
         return x_new
-    go = _uniform(idx[0].shape, ctx) < p_unmask if not ctx.last else torch.ones_like(idx[0], dtype=torch.bool)
+    go = _uniform(idx[0].shape, ctx) < p_unmask
     chosen = torch.zeros_like(ctx.active)
     chosen[idx[0][go], idx[1][go]] = True  # row-major, the order of idx
     return x_new.masked_scatter(chosen, draw(ctx.logits.at(chosen), ctx.cfg, ctx.generator))
@@ -108,7 +114,7 @@ def remdm_loop(ctx: StepContext) -> torch.Tensor:
     t in [0, t_off] takes α from α_on to 1 (MDLM steps)."""
     cfg = ctx.cfg
     t_on, t_off, a_on = cfg.loop_t_on, cfg.loop_t_off, cfg.loop_alpha_on
-    if t_off < ctx.t <= t_on and not ctx.last:  # (a coarse grid's last step may fall in the loop: it finishes)
+    if t_off < ctx.t <= t_on:  # (on a coarse grid the last step may fall in the loop: noise removal finishes)
         return _remdm_step(ctx, a_on, a_on, cfg.remdm_eta(0.02))
     if ctx.t > t_on:  # move chance 1 − (1 − t)·α_on/(1 − t_on); a coarse grid's step stops at t_on (1 − α_on)
         m_t, m_s = (1.0 - (1.0 - u) * a_on / (1.0 - t_on) for u in (ctx.t, max(ctx.s, t_on)))
@@ -117,9 +123,22 @@ def remdm_loop(ctx: StepContext) -> torch.Tensor:
     return _unmask_with_prob(ctx, (m_t - m_s) / m_t if m_t > 0 else 1.0, ctx.x.clone())
 
 
+def reveal_counts(active: torch.Tensor, t: float, s: float, last: bool, rule: str) -> torch.Tensor:
+    """(N,) positions a confidence rule reveals this step (all of a row's on the last step). ``round``: round(#masked ·
+    (1 − s/t)) per row, at least one; ``dream``: floor(batch-mean #masked · (1 − s/t)), possibly none (Dream's
+    sampler), capped at each row's masked count."""
+    n_masked = active.sum(1)  # (N,)
+    if last:
+        return n_masked
+    if rule == "dream":
+        n = int(float(n_masked.float().mean()) * (1 - s / t))
+        return torch.clamp(n_masked, max=n)
+    return torch.clamp(torch.round(n_masked * (1 - s / t)), min=1).long()
+
+
 def _confidence_rule(score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-    """Dream/LLaDA-style: sample a candidate everywhere, reveal the n most confident masked positions per row,
-    n = round(#masked · (1 − s/t)) (at least 1; all on the last step)."""
+    """Dream/LLaDA-style: sample a candidate everywhere, reveal the most confident masked positions of each row
+    (how many: :func:`reveal_counts`)."""
 
     def rule(ctx: StepContext) -> torch.Tensor:
         x_new = ctx.x.clone()
@@ -128,11 +147,10 @@ def _confidence_rule(score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
             return x_new
         z = ctx.logits.at(ctx.active)  # (M, V), row-major like idx
         cand = draw(z, ctx.cfg, ctx.generator)  # (M,)
-        probs = sampling_probs(z, ctx.cfg.temperature or 1.0, ctx.cfg.top_p)
+        probs = sampling_probs(z, ctx.cfg.temperature or 1.0, ctx.cfg.top_p, ctx.cfg.top_p_rule)
         conf = torch.full(ctx.x.shape, float("-inf"), device=ctx.x.device)
         conf[idx] = score(probs, cand).float()
-        n_masked = ctx.active.sum(1)  # (N,)
-        n = n_masked if ctx.last else torch.clamp(torch.round(n_masked * (1 - ctx.s / ctx.t)), min=1).long()
+        n = reveal_counts(ctx.active, ctx.t, ctx.s, ctx.last, ctx.cfg.transfer_rule)  # (N,)
         order = conf.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
                                                 .expand_as(order).contiguous())
@@ -165,3 +183,4 @@ UPDATE_RULES: dict[str, Callable[[StepContext], torch.Tensor]] = {
     "margin": _confidence_rule(_margin),
     "entropy": _confidence_rule(_neg_entropy),
 }
+check_registry("sampler update rules", ALGORITHMS, UPDATE_RULES)

@@ -6,6 +6,8 @@ from typing import Callable
 
 import torch
 
+from models.names import SCHEDULES as NAMES, check_registry
+
 
 class LogLinear:
     """α_t = 1 − (1 − ε)·t: the ELBO weight −α'_t / (1 − α_t) is exactly 1/t."""
@@ -35,7 +37,21 @@ class Cosine:
         return -d_alpha / (1 - self.alpha(t))
 
 
-SCHEDULES: dict[str, Callable[..., object]] = {"loglinear": LogLinear, "cosine": Cosine}
+class DreamLinear:
+    """Dream's fine-tuning noise: mask probability (1 − ε)·t + ε, loss weight 1/t (its collator's ``dsigma``)."""
+
+    def __init__(self, eps: float = 1e-3):
+        self.eps = eps
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return (1 - self.eps) * (1 - t)
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        return 1.0 / t
+
+
+SCHEDULES: dict[str, Callable[..., object]] = {"loglinear": LogLinear, "cosine": Cosine, "dream": DreamLinear}
+check_registry("noise schedules", NAMES, SCHEDULES)
 
 
 def build_schedule(name: str, eps: float = 1e-3):
@@ -45,26 +61,39 @@ def build_schedule(name: str, eps: float = 1e-3):
 
 
 def sample_t(batch: int, *, shared: torch.Generator, local: torch.Generator, antithetic: bool = True,
-             rank: int = 0, world: int = 1, t_min: float = 1e-3, t_max: float = 1.0) -> torch.Tensor:
-    """t (batch,) in [t_min, t_max]. Antithetic: one shared offset u0, then evenly spaced over the GLOBAL batch
-    (world·batch points), this rank taking its slice — ranks pass rank/world in, nothing distributed is imported."""
-    if antithetic:
-        u0 = torch.rand((), generator=shared)
-        idx = torch.arange(batch, dtype=torch.float64) + rank * batch
-        u = ((u0.double() + idx / (world * batch)) % 1.0).float()
+             rank: int = 0, world: int = 1, t_min: float = 1e-3, t_max: float = 1.0,
+             per_batch: bool = False) -> torch.Tensor:
+    """t (batch,) in [t_min, t_max].
+
+    Antithetic (the paper's trainer): the GLOBAL batch of N = world·batch samples is split into N equal strata of
+    [0, 1) and each stratum gets its own uniform draw, u_i = (i + r_i) / N; the draws come from the generator shared
+    by all ranks, so they agree on the whole set, and this rank takes its slice (rank/world are passed in, nothing
+    distributed is imported). ``per_batch``: one t for the whole global batch (Dream's collator)."""
+    n = world * batch
+    if per_batch:
+        u = torch.rand((), generator=shared).expand(batch).clone()
+    elif antithetic:
+        r = torch.rand(n, generator=shared, dtype=torch.float64)  # one draw per stratum, identical on every rank
+        i = torch.arange(n, dtype=torch.float64)
+        u = ((i + r) / n)[rank * batch:(rank + 1) * batch].float()
     else:
         u = torch.rand(batch, generator=local)
     return t_min + (t_max - t_min) * u
 
 
 def mask_tokens(x0: torch.Tensor, t: torch.Tensor, schedule, mask_id: int, generator: torch.Generator,
-                maskable: torch.Tensor | None = None) -> torch.Tensor:
-    """x_t ~ q(x_t | x_0): each maskable token is replaced by [MASK] with probability 1 − α_t."""
+                maskable: torch.Tensor | None = None, min_one: bool = False) -> torch.Tensor:
+    """x_t ~ q(x_t | x_0): each maskable token is replaced by [MASK] with probability 1 − α_t. ``min_one``: a row
+    that drew no [MASK] gets one at a uniformly chosen maskable position (Dream's collator)."""
     p_mask = (1 - schedule.alpha(t)).unsqueeze(-1)  # (B, 1)
-    u = torch.rand(x0.shape, generator=generator).to(x0.device)
-    masked = u < p_mask.to(x0.device)
-    if maskable is not None:
-        masked &= maskable.bool()
+    u = torch.rand(x0.shape, generator=generator).to(x0.device)  # (B, L)
+    allowed = torch.ones_like(x0, dtype=torch.bool) if maskable is None else maskable.bool()
+    masked = (u < p_mask.to(x0.device)) & allowed
+    if min_one:
+        none = ~masked.any(1) & allowed.any(1)  # (B,)
+        # the maskable position with the smallest u (uniform among them): a second draw would change every other row
+        pick = torch.where(allowed, u, torch.full_like(u, 2.0)).argmin(1)  # (B,)
+        masked[none, pick[none]] = True
     return torch.where(masked, torch.full_like(x0, mask_id), x0)
 
 

@@ -9,6 +9,7 @@ by gathering k+1 rows. Entropy, top-k and λ are computed only on masked rows, i
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -80,6 +81,33 @@ def entropy_topk(z: torch.Tensor, k: int, chunk: int | None = None,
     return neg_h, top_z, top_i
 
 
+@dataclass
+class FeedbackStats:
+    """What one soft-mask feedback measured over the rows it fed (sums, so that several forwards add up).
+
+    ``lambda_sum`` and ``gate_open`` are 0-dim device tensors (reading one waits for the device); ``gate_open`` counts
+    the rows whose gate σ(ω_a(−H − ω_b)) is at least 0.5, i.e. whose prediction is confident enough (H ≤ −ω_b) for
+    soft-masking to act once ω_s has grown."""
+
+    lambda_sum: torch.Tensor
+    gate_open: torch.Tensor
+    rows: int
+
+    def __add__(self, other: "FeedbackStats") -> "FeedbackStats":
+        return FeedbackStats(self.lambda_sum + other.lambda_sum, self.gate_open + other.gate_open,
+                             self.rows + other.rows)
+
+    def means(self) -> dict[str, float]:
+        """{"lambda_mean", "gate_open"} as floats (NaN when no row was fed)."""
+        n = self.rows or float("nan")
+        return {"lambda_mean": float(self.lambda_sum) / n, "gate_open": float(self.gate_open) / n}
+
+
+def gate_open_count(neg_entropy: torch.Tensor, omega_b: torch.Tensor | float) -> torch.Tensor:
+    """Rows whose SM gate σ(ω_a(−H − ω_b)) is >= 0.5 (ω_a > 0, so: −H >= ω_b), as a 0-dim tensor."""
+    return (neg_entropy >= omega_b).sum()
+
+
 class SoftMaskHead(nn.Module):
     """λ-gated top-k feedback. ``k=None`` mixes the full vocabulary with a learnable softmax temperature."""
 
@@ -133,13 +161,15 @@ class SoftMaskHead(nn.Module):
         """x_t (B,L) long, logits (B,L,V) -> ids (B,L,K+1) long, weights (B,L,K+1) fp32 (K = k, or V when k=None)."""
         masked = x_t == mask_id  # (B, L)
         z = logits.reshape(-1, logits.shape[-1]) if bool(masked.all()) else logits[masked]  # view when all masked
-        return self.mix(x_t, masked, z)
+        ids, w, _ = self.mix(x_t, masked, z)
+        return ids, w
 
     def mix(self, x_t: torch.Tensor, masked: torch.Tensor, z: torch.Tensor, flat: torch.Tensor | None = None,
-            scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Same as forward, given only the still-masked rows' logits z (M, V) (M = masked.sum()); ``flat`` (M,) may
-        pass ``flat_rows(masked)`` in when the caller already has it. ``scale`` (B,) multiplies ω_s per sample
-        (transparency scheduling at sampling time; 0 gives the pure [MASK] input)."""
+            scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, FeedbackStats]:
+        """Same as forward, given only the still-masked rows' logits z (M, V) (M = masked.sum()), plus what it
+        measured (:class:`FeedbackStats`). ``flat`` (M,) may pass ``flat_rows(masked)`` in when the caller already
+        has it. ``scale`` (B,) multiplies ω_s per sample (transparency scheduling at sampling time; 0 gives the pure
+        [MASK] input)."""
         B, L = x_t.shape
         V = z.shape[-1]
         K = self.k if self.k is not None else V
@@ -147,23 +177,23 @@ class SoftMaskHead(nn.Module):
         w = torch.zeros(B, L, K + 1, device=z.device, dtype=torch.float32)
         w[..., 0] = 1.0
         if z.shape[0] == 0:
-            self.last_lambda = torch.zeros((), device=z.device)
-            return ids, w
+            zero = torch.zeros((), device=z.device)
+            return ids, w, FeedbackStats(zero, zero, 0)
         if self.k is None:
             z = z.float() / self.temperature  # τ is learnable: keep this path differentiable in z
-            lam = self.lam(-entropy_from_logits(z))  # (M,)
+            neg_h = -entropy_from_logits(z)  # (M,)
             top_ids = torch.arange(V, device=z.device).expand(z.shape[0], V)
             pi = torch.softmax(z, dim=-1)
         else:
             neg_h, top_z, top_ids = entropy_topk(z, self.k, neg_entropy_fn=self.neg_entropy_fn)  # z is a constant
-            lam = self.lam(neg_h)  # (M,) — gradients reach ω only through λ
             pi = torch.softmax(top_z, dim=-1)  # renormalised top-k probabilities
+        lam = self.lam(neg_h)  # (M,) — gradients reach ω only through λ
         # one flat index of the masked rows (M,): every gather/scatter below is then sync-free on an accelerator
         flat = flat_rows(masked) if flat is None else flat
         if scale is not None:
             lam = lam * scale.to(lam).index_select(0, flat // L)  # (M,): each row's sample factor
+        stats = FeedbackStats(lam.detach().sum(), gate_open_count(neg_h.detach(), self.omega_b.detach()), z.shape[0])
         ids.view(B * L, K + 1)[flat] = torch.cat([x_t.reshape(-1)[flat].unsqueeze(-1), top_ids], dim=-1)
         fed = torch.cat([(1 - lam).unsqueeze(-1), lam.unsqueeze(-1) * pi], -1)  # (M, K+1), carries grads to ω
         w = w.view(B * L, K + 1).index_put((flat,), fed).view(B, L, K + 1)
-        self.last_lambda = lam.detach().mean()
-        return ids, w
+        return ids, w, stats

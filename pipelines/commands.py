@@ -295,8 +295,12 @@ def cli_eval(cfg, extras: dict) -> int:
 
 
 def cli_experiment(cfg, extras: dict) -> int:
+    import shlex
+
     from pipelines import experiment
 
+    if not cfg.command:  # recorded in the report: the command that regenerates it
+        cfg.command = "softmask " + shlex.join(sys.argv[1:])
     experiment.run(cfg)
     return 0
 

@@ -57,6 +57,13 @@ class EvalConfig:
     nfe_fractions: list[float] = field(None, "budgets as fractions of sample_length (used when nfe is empty)",
                                        factory=lambda: [0.25, 0.5, 1.0])
     algorithm: str = field("ancestral", "sampler update rule (models.sampling ALGORITHMS)")
+    top_p: float = field(0.9, "nucleus mass of the sampling copy (the paper's 0.9; 1 = off); SM feedback reads the "
+                              "unfiltered prediction")
+    top_p_rule: str = field("mdlm", "nucleus boundary (models.names.TOP_P_RULES): mdlm = the paper's code, dream")
+    temperature: float = field(1.0, "softmax temperature of the sampling copy")
+    t_eps: float = field(1e-5, "the sampler's time grid runs 1 -> t_eps, then the noise-removal step")
+    cache_unchanged: bool = field(True, "skip the forward of a step whose input did not change (the paper's code); "
+                                        "the reported NFE counts the forwards that ran")
     soft_mask: Literal["auto", "on", "off"] = field("auto", "feed predictions back while sampling (auto: on for "
                                                             "sm/self_cond checkpoints)")
     transparency: str = field("none", "SM transparency scheduling while sampling (models.sampling TRANSPARENCY: "
@@ -77,7 +84,7 @@ class EvalConfig:
     device: str = field("auto", "torch device of the model, sampler and evaluator (auto: cuda when available)")
 
     def __post_init__(self) -> None:
-        from models.sampling import ALGORITHMS, TRANSPARENCY
+        from models.names import ALGORITHMS, TOP_P_RULES, TRANSPARENCY
 
         require(bool(self.checkpoint), "checkpoint", "is required (an export directory)")
         require(bool(self.manifest), "manifest", "is required (the dataset whose validation split is scored)")
@@ -91,6 +98,10 @@ class EvalConfig:
         require(bool(self.nfe) or (bool(self.nfe_fractions) and all(0 < f <= 4 for f in self.nfe_fractions)),
                 "nfe_fractions", "need nfe or fractions in (0, 4]")
         require(self.algorithm in ALGORITHMS, "algorithm", f"must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        require(self.top_p_rule in TOP_P_RULES, "top_p_rule", f"must be one of {TOP_P_RULES}, got {self.top_p_rule!r}")
+        require(self.temperature >= 0, "temperature", "must be >= 0")
+        require(0 <= self.t_eps < 1, "t_eps", "must be in [0, 1)")
         require(self.transparency in TRANSPARENCY, "transparency",
                 f"must be one of {tuple(TRANSPARENCY)}, got {self.transparency!r}")
         require(self.sample_chunks >= 1, "sample_chunks", "must be >= 1")
@@ -111,6 +122,7 @@ class EvalReport:
     evaluator: dict
     config: dict
     validation: dict           # {"one_pass": {nll, ppl_bound, tokens}, "two_pass": {...}?, heldout: {...}}
+    sm_head: dict              # the learned ω and the gate-open share on the validation rows (see gate_diagnostics)
     sampling: list[dict]       # one entry per NFE budget
     reference: dict            # the real held-out text's own gen-PPL / entropy (the metrics' ceiling)
     wall_s: float
@@ -187,6 +199,31 @@ def elbo(model, rows: np.ndarray, obj, *, seed: int, batch: int, draws: int, two
     return {"nll": nll, "ppl_bound": math.exp(min(nll, 700.0)), "tokens": n // draws, "draws": draws}
 
 
+def gate_diagnostics(model, rows: np.ndarray, *, seed: int, batch: int) -> dict:
+    """The SM head's learned ω and its gate on held-out data: each row noised at t ~ U(0, 1) (the ELBO's draws), one
+    pure-mask forward, and the share of masked positions whose prediction opens the gate, σ(ω_a(−H − ω_b)) >= 0.5
+    (H <= −ω_b nats). For a binary model the head keeps its init (ω_b = −0.75): the share then says how much room a
+    continued SM run would have. Also the share at the init threshold (H <= 0.75 nats) and the mean entropy."""
+    import torch
+
+    from models.objective import ObjectiveConfig, noise_batch
+    from models.softmask import entropy_topk
+
+    omega = model.sm_head.values()
+    device = next(model.parameters()).device
+    x = torch.as_tensor(rows, dtype=torch.long).to(device)
+    obj = ObjectiveConfig(kind="binary", antithetic=False)
+    neg_h = []
+    with torch.no_grad():
+        for b in range(0, len(x), batch):
+            t, x_t, _ = noise_batch(x[b:b + batch], obj, seed, b // batch, 0, 1, None, model.mask_id)
+            z = model(x_t, t, masked_only=True)  # (M, V)
+            neg_h.append(entropy_topk(z, 1)[0].cpu())
+    h = -torch.cat(neg_h)  # (M,) entropies of the masked positions, nats
+    return {**omega, "masked_positions": int(h.numel()), "gate_open": float((h <= -omega["omega_b"]).float().mean()),
+            "share_h_below_0.75": float((h <= 0.75).float().mean()), "entropy_mean": float(h.mean())}
+
+
 # ---------------------------------------------------------------------------------------- sampling (tasks)
 def sample_chunk(checkpoint: str, sampler: dict, num: int, length: int, seed: int,
                  prompts: list[list[int]] | None = None, threads: int = 1, device: str = "cpu") -> dict:
@@ -201,7 +238,8 @@ def sample_chunk(checkpoint: str, sampler: dict, num: int, length: int, seed: in
     model = load_pretrained(checkpoint).to(device)
     t0 = time.perf_counter()
     out = sample(model, SamplerConfig(**sampler), num_samples=num, length=length, prompt_ids=prompts, seed=seed)
-    return {"tokens": out.tokens.tolist(), "nfe": out.nfe, "wall_s": time.perf_counter() - t0}
+    return {"tokens": out.tokens.tolist(), "nfe": out.nfe, "wall_s": time.perf_counter() - t0,
+            "lambda_mean": out.lambda_mean, "gate_open": out.gate_open}
 
 
 def resolve_device(spec: str) -> str:
@@ -250,8 +288,10 @@ def generate(cfg: EvalConfig, sampler: dict, num: int, length: int, prompts=None
         where = "in-process"
     wall = time.perf_counter() - t0
     tokens = [row for p in parts for row in p["tokens"]]
-    return {"tokens": tokens, "nfe": max(p["nfe"] for p in parts), "wall_s": wall,
-            "compute_s": sum(p["wall_s"] for p in parts), "executor": where}
+    fed = [p for p in parts if p.get("lambda_mean") is not None]
+    sm = {k: float(np.mean([p[k] for p in fed])) for k in ("lambda_mean", "gate_open")} if fed else {}
+    return {"tokens": tokens, "nfe": float(np.mean([p["nfe"] for p in parts])), "wall_s": wall,
+            "compute_s": sum(p["wall_s"] for p in parts), "executor": where, **sm}
 
 
 # ------------------------------------------------------------------------------------------------ the stage
@@ -320,6 +360,7 @@ def run(cfg: EvalConfig) -> EvalReport:
         if two:
             heldout[spec]["two_pass"] = elbo(model, packed, obj, two_pass=True, **ek)
     validation["heldout"] = heldout
+    sm_head = gate_diagnostics(model, rows, seed=cfg.seed, batch=cfg.val_batch)
 
     # ------------------------------------------------------------------ samples + text metrics
     ev = load_evaluator(cfg.evaluator, device=device)
@@ -333,12 +374,15 @@ def run(cfg: EvalConfig) -> EvalReport:
     sampling = []
     transparency = cfg.transparency if soft else "none"
     for steps in budgets:
-        sampler = {"steps": int(steps), "algorithm": cfg.algorithm, "soft_mask": soft, "transparency": transparency}
+        sampler = {"steps": int(steps), "algorithm": cfg.algorithm, "soft_mask": soft, "transparency": transparency,
+                   "top_p": cfg.top_p, "top_p_rule": cfg.top_p_rule, "temperature": cfg.temperature,
+                   "t_eps": cfg.t_eps, "cache_unchanged": cfg.cache_unchanged}
         entry: dict = {"steps": int(steps), "soft_mask": soft, "algorithm": cfg.algorithm,
                        **({"transparency": transparency} if transparency != "none" else {})}
         if cfg.num_samples:
             gen = generate(cfg, sampler, cfg.num_samples, length)
             texts = tok.decode_batch(gen["tokens"])
+            entry.update({k: gen[k] for k in ("lambda_mean", "gate_open") if k in gen})
             entry.update(nfe=gen["nfe"], samples=len(texts), sample_wall_s=gen["wall_s"], executor=gen["executor"],
                          tokens_per_s=len(texts) * length / max(gen["wall_s"], 1e-9),
                          **_text_metrics(ev, texts, gen["tokens"], ref_feats, cfg), examples=texts[:2])
@@ -351,7 +395,8 @@ def run(cfg: EvalConfig) -> EvalReport:
         sampling.append(entry)
     out_dir = cfg.output_dir or str(Path(cfg.checkpoint).resolve().parent / "eval")
     report = EvalReport(tag=cfg.tag, checkpoint=str(cfg.checkpoint), objective=kind, model=model.config.to_dict(),
-                        evaluator=ev.info(), config=to_dict(cfg), validation=validation, sampling=sampling,
+                        evaluator=ev.info(), config=to_dict(cfg), validation=validation, sm_head=sm_head,
+                        sampling=sampling,
                         reference=reference, wall_s=time.perf_counter() - t0, output_dir=out_dir)
     write_report(report, plots=cfg.plots)
     return report
@@ -370,16 +415,21 @@ def markdown(report: EvalReport) -> str:
     for spec, h in v.get("heldout", {}).items():
         lines.append(f"- held-out `{spec}`: one-pass PPL <= {h['one_pass']['ppl_bound']:.2f}"
                      + (f", two-pass PPL <= {h['two_pass']['ppl_bound']:.2f}" if "two_pass" in h else ""))
+    g = report.sm_head
+    lines.append(f"- SM head: ω_s {g['omega_s']:.3g}, ω_a {g['omega_a']:.3g}, ω_b {g['omega_b']:.3g}; gate-open share "
+                 f"on held-out data (t ~ U(0, 1), {g['masked_positions']} masked positions) {g['gate_open']:.4f} "
+                 f"(H <= 0.75 nats: {g['share_h_below_0.75']:.4f}; mean entropy {g['entropy_mean']:.3f} nats)")
     r = report.reference
     lines += [f"- real held-out text ({r['rows']} rows): gen-PPL {r['gen_ppl']:.2f}, entropy {r['entropy']:.3f}", "",
-              "| steps | NFE | SM feedback | gen-PPL | MAUVE | entropy | tokens/s | samples | prompted gen-PPL |",
-              "|---:|---:|:---:|---:|---:|---:|---:|---:|---:|"]
+              "| steps | NFE | SM feedback | mean λ | gen-PPL | MAUVE | entropy | tokens/s | samples | prompted gen-PPL |",
+              "|---:|---:|:---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in report.sampling:
         if "gen_ppl" not in s:
             continue
         mv = f"{s['mauve']:.3f}" if "mauve" in s else "-"
         pr = f"{s['prompted']['gen_ppl']:.2f}" if "prompted" in s else "-"
-        lines.append(f"| {s['steps']} | {s['nfe']} | {'on' if s['soft_mask'] else 'off'} | {s['gen_ppl']:.2f} | {mv} "
+        lam = f"{s['lambda_mean']:.3g}" if s.get("lambda_mean") is not None else "-"
+        lines.append(f"| {s['steps']} | {s['nfe']:.4g} | {'on' if s['soft_mask'] else 'off'} | {lam} | {s['gen_ppl']:.2f} | {mv} "
                      f"| {s['entropy']:.3f} | {s['tokens_per_s']:.1f} | {s['samples']} | {pr} |")
     if report.sampling and "mauve_buckets" in report.sampling[0]:
         lines += ["", f"MAUVE: {report.sampling[0]['mauve_buckets']} buckets, seed {report.sampling[0]['mauve_seed']},"

@@ -168,4 +168,32 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                        resumed_from_step=plan.resume_step, wall_s=time.perf_counter() - t0)
 
 
-__all__ = ["ConfigError", "TrainConfig", "TrainResult", "build_trainer", "run"]
+def run_local(cfg: TrainConfig, *, progress: bool = False) -> TrainResult:
+    """The same training loop as :func:`run`, alone in this process (no Ray Train): one rank, DeepSpeed on a
+    single-rank gloo group, checkpoints in the same ``<storage_path>/<run_name>/checkpoint_<step>`` layout (a rerun
+    resumes from the newest), the same metrics, export and result. For one-process jobs: the experiment's cells
+    (which Ray runs side by side as tasks), tests, a debugging session."""
+    import contextlib
+
+    from pipelines.train_progress import ProgressPrinter
+    from workers.checkpointing import list_checkpoints
+    from workers.train_loop import train_loop
+    from workers.train_session import LocalSession
+
+    t0 = time.perf_counter()
+    cfg = _absolute_local_paths(cfg)
+    if cfg.scaling.num_workers != 1:
+        raise ConfigError(f"scaling.num_workers: a local run has one rank, got {cfg.scaling.num_workers}")
+    plan = preflight(cfg)
+    printer = ProgressPrinter(f"{cfg.resolved_output_dir.rstrip('/')}/metrics.jsonl", cfg.steps) if progress else None
+    with LocalSession(cfg.checkpoint.storage_path, cfg.run_name, cfg.checkpoint.keep_last) as session, \
+            printer or contextlib.nullcontext():
+        train_loop({"train": cfg.to_dict(), "plan": plan.to_dict()}, session=session)
+    ckpts = list_checkpoints(str(session.run_dir))
+    out = cfg.resolved_output_dir
+    return TrainResult(run_name=cfg.run_name, run_uri=str(session.run_dir),
+                       checkpoint_uri=ckpts[-1][1] if ckpts else None, export_uri=f"{out.rstrip('/')}/export",
+                       output_uri=out, resumed_from_step=plan.resume_step, wall_s=time.perf_counter() - t0)
+
+
+__all__ = ["ConfigError", "TrainConfig", "TrainResult", "build_trainer", "run", "run_local"]

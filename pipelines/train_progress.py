@@ -15,7 +15,7 @@ import threading
 
 # optional fields of a train line, in order: (metrics key, format)
 TRAIN_FIELDS = (("lr", "lr {:.2e}"), ("grad_norm", "grad_norm {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
-                ("lambda_mean", "lambda {:.3g}"))
+                ("omega_s", "ω_s {:.3g}"), ("lambda_mean", "λ {:.3g}"), ("gate_open", "gate-open {:.3f}"))
 
 
 def format_record(rec: dict, total_steps: int) -> str | None:

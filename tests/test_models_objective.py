@@ -46,9 +46,15 @@ def test_global_antithetic_t_and_masking():
         shared = torch.Generator().manual_seed(7)
         local = torch.Generator().manual_seed(100 + rank)
         parts.append(sample_t(B, shared=shared, local=local, rank=rank, world=world, t_min=0.0, t_max=1.0))
-    t = torch.sort(torch.cat(parts)).values
-    gaps = t[1:] - t[:-1]
-    torch.testing.assert_close(gaps, torch.full_like(gaps, 1 / (world * B)), atol=1e-5, rtol=0)  # evenly spaced
+    t = torch.cat(parts)  # the global batch, rank-major
+    n = world * B
+    # one draw per stratum [i/n, (i+1)/n) of the global batch, in stratum order (the paper's trainer) ...
+    assert torch.equal(torch.floor(t * n).long(), torch.arange(n))
+    # ... and independent draws within the strata (not one shared offset, which would space them evenly)
+    assert (t * n - torch.arange(n)).std() > 0.1
+    again = sample_t(B, shared=torch.Generator().manual_seed(7), local=torch.Generator().manual_seed(0), rank=1,
+                     world=world, t_min=0.0, t_max=1.0)
+    assert torch.equal(again, parts[1])  # a rank's slice depends on the shared generator only
     x0 = torch.randint(0, 9, (2000, 50))
     keep = torch.ones_like(x0, dtype=torch.bool)
     keep[:, :10] = False
@@ -216,8 +222,8 @@ def test_flat_row_indices_select_what_the_boolean_mask_selects_and_metrics_stay_
         by_index = model(x_t, t, rows=flat)
         torch.testing.assert_close(by_index, by_mask, atol=0, rtol=0)
         z = by_mask
-        ids_a, w_a = model.sm_head.mix(x_t, masked, z)
-        ids_b, w_b = model.sm_head.mix(x_t, masked, z, flat)
+        ids_a, w_a, _ = model.sm_head.mix(x_t, masked, z)
+        ids_b, w_b, _ = model.sm_head.mix(x_t, masked, z, flat)
     assert torch.equal(ids_a, ids_b) and torch.equal(w_a, w_b)
     assert torch.equal(ids_a[~masked][:, 0], x_t[~masked]) and bool((w_a[~masked][:, 0] == 1).all())
     assert torch.equal(ids_a[masked][:, 0], x_t[masked])  # slot 0 of a masked row is [MASK] with weight 1 - λ

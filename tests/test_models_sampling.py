@@ -20,15 +20,16 @@ def model():
 @pytest.mark.parametrize("soft_mask", [True, False])
 def test_invariants(model, algorithm, soft_mask):
     prompts = [[5, 6, 7, 8, 9], [10], [11, 12]]
-    cfg = SamplerConfig(steps=12, algorithm=algorithm, soft_mask=soft_mask, top_p=0.9)
-    out = sample(model, cfg, num_samples=3, length=24, prompt_ids=prompts, seed=3)
+    cfg = SamplerConfig(steps=12, algorithm=algorithm, soft_mask=soft_mask, top_p=0.9, cache_unchanged=False)
+    out = sample(model, cfg, num_samples=3, length=24, prompt_ids=prompts, seed=3, return_trajectory=True)
     assert out.tokens.shape == (3, 24) and out.tokens.dtype == torch.long
     assert not (out.tokens == model.mask_id).any()
     for i, p in enumerate(prompts):
         assert out.tokens[i, :len(p)].tolist() == p
     again = sample(model, cfg, num_samples=3, length=24, prompt_ids=prompts, seed=3)
     assert torch.equal(out.tokens, again.tokens)
-    assert out.nfe == 12  # one forward per step; SM adds none
+    removal = bool((out.trajectory[-1] == model.mask_id).any())  # masks left after the grid: one more forward
+    assert out.nfe == 12 + removal  # one forward per step; SM adds none
 
 
 def test_sm_changes_samples_but_not_nfe(model):
@@ -147,7 +148,7 @@ def test_feedback_from_masked_rows_equals_dense_feedback():
             remasked = x_now.clone()
             pos = (x_prev[1] != m.mask_id).nonzero()[0]
             remasked[1, pos] = m.mask_id
-            inputs, extra = m.feedback_input(remasked, sparse)
+            inputs, extra, _ = m.feedback_input(remasked, sparse)
             if not sc:
                 ids, w = inputs
                 assert ids[1, pos, 0].item() == m.mask_id and w[1, pos, 0].item() == 1 and w[1, pos, 1:].abs().sum() == 0
@@ -169,8 +170,8 @@ def test_sm_scale_scales_lambda_per_sample_and_zero_is_the_binary_input(model):
         torch.testing.assert_close(off[0], model(x)[0])  # sample 0: no feedback at all
         torch.testing.assert_close(off[1], full[1])       # sample 1: untouched
         assert not torch.allclose(full[0], model(x)[0])   # (the feedback does matter for this model)
-        (_, w_full), _ = model.feedback_input(x, prev)
-        (_, w_half), _ = model.feedback_input(x, prev, torch.full((2,), 0.5))
+        (_, w_full), _, _ = model.feedback_input(x, prev)
+        (_, w_half), _, _ = model.feedback_input(x, prev, torch.full((2,), 0.5))
     masked = x == model.mask_id
     torch.testing.assert_close(w_half[..., 1:].sum(-1)[masked], 0.5 * w_full[..., 1:].sum(-1)[masked])
 
@@ -184,13 +185,14 @@ def test_transparency_scheduling_follows_the_masked_fraction(model, transparency
     seen = []  # (input x, sm_scale, mean λ fed) of every forward
 
     def spy(module, args, kwargs, output):
-        seen.append((args[0].clone(), kwargs.get("sm_scale"), float(module.last_stats.get("lambda_mean", -1.0))))
+        _, stats = output  # the sampler asks every forward for its feedback statistics
+        lam = float(stats.lambda_sum) / stats.rows if stats is not None else -1.0
+        seen.append((args[0].clone(), kwargs.get("sm_scale"), lam))
 
-    model.last_stats = {}
     handle = model.register_forward_hook(spy, with_kwargs=True)
     try:
-        out = sample(model, SamplerConfig(steps=12, soft_mask=True, transparency=transparency), 2, length,
-                     prompt_ids=prompt, seed=1)
+        out = sample(model, SamplerConfig(steps=12, soft_mask=True, transparency=transparency, cache_unchanged=False,
+                                          t_eps=0.0), 2, length, prompt_ids=prompt, seed=1)
     finally:
         handle.remove()
     assert out.nfe == len(seen) == 12
@@ -223,13 +225,14 @@ def test_serving_api_names_every_algorithm_and_transparency_schedule():
 
 
 def test_remdm_loop_phases(model):
-    """ReMDM-loop on the grid 1 -> 0: up to t_on it only reveals, reaching ~1 - alpha_on decoded; between t_on and
+    """ReMDM-loop on the grid 1 -> t_eps: up to t_on it only reveals, reaching ~1 - alpha_on decoded; between t_on and
     t_off the masked share stays ~1 - alpha_on while decoded tokens are remasked and refined; then it finishes."""
     steps, length, n = 40, 64, 8
-    cfg = SamplerConfig(steps=steps, algorithm="remdm_loop", soft_mask=True)
+    cfg = SamplerConfig(steps=steps, algorithm="remdm_loop", soft_mask=True, cache_unchanged=False)
     out = sample(model, cfg, n, length, seed=5, return_trajectory=True)
-    assert out.nfe == steps and not (out.tokens == model.mask_id).any()
-    ts = [1 - i / steps for i in range(steps + 1)]
+    removal = bool((out.trajectory[-1] == model.mask_id).any())
+    assert out.nfe == steps + removal and not (out.tokens == model.mask_id).any()
+    ts = torch.linspace(1.0, cfg.t_eps, steps + 1, dtype=torch.float64).tolist()
     masks = [torch.ones(n, length, dtype=torch.bool)] + [x == model.mask_id for x in out.trajectory]
     remasked = [int((m_after & ~m_before).sum()) for m_before, m_after in zip(masks, masks[1:])]  # per step
     frac = [float(m.float().mean()) for m in masks]

@@ -79,7 +79,7 @@ def test_sm_never_touches_unmasked_positions():
         model.sm_head.raw_scale.fill_(3.0)  # ω_s ≈ 0.95: SM clearly on
     x_t = _xt(model)
     prev = model(x_t)
-    (ids, w), _ = model.feedback_input(x_t, prev)
+    (ids, w), _, _ = model.feedback_input(x_t, prev)
     un = x_t != model.mask_id
     assert torch.equal(ids[..., 0], x_t) and torch.all(w[un][:, 0] == 1) and torch.all(w[un][:, 1:] == 0)
     # embeddings of unmasked positions are exactly the token embeddings

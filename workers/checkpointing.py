@@ -140,9 +140,9 @@ def latest_train_state(run_uri: str) -> dict | None:
 
 
 # ----------------------------------------------------------------------------------------- worker side
-def save(engine, ema, state: dict, metrics: dict, rank: int) -> None:
-    """Write this rank's part of the checkpoint for ``state['step']`` and report it to Ray Train (collective)."""
-    import ray.train
+def save(engine, ema, state: dict, metrics: dict, rank: int, report) -> None:
+    """Write this rank's part of the checkpoint for ``state['step']`` and hand it over with ``report(metrics,
+    directory, name)`` (``workers.train_session``: to Ray Train, or into the local run folder; collective)."""
     from safetensors.torch import save_file
 
     step = int(state["step"])
@@ -152,12 +152,12 @@ def save(engine, ema, state: dict, metrics: dict, rank: int) -> None:
             if ema is not None:
                 save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, os.path.join(d, EMA_FILE))
             Path(d, STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"{CKPT_PREFIX}{step:08d}")
+        report(metrics, d, f"{CKPT_PREFIX}{step:08d}")
 
 
 def restore(engine, ema, checkpoint, device: str = "cpu") -> dict:
-    """Load engine (+ EMA) state from a Ray Train checkpoint; returns its train_state dict.
+    """Load engine (+ EMA) state from a checkpoint (``as_directory()``: Ray Train's or a local folder); returns its
+    train_state dict.
 
     A run that keeps an EMA (``ema`` given) needs the checkpoint's EMA: a missing ``ema.safetensors`` is an error (an
     incomplete checkpoint), never a silent restart of the average from the restored weights. Switching the EMA on

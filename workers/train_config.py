@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from infra.config import ConfigError, field, from_dict, require, to_dict
 from infra.deepspeed import DeepSpeedConfig
+from models.objective_config import ObjectiveConfig
 
 MODES = ("pretrain", "continue", "finetune")
 
@@ -42,27 +43,6 @@ class ModelSection:
             require(not self.hf_config, "hf_config", "only applies to backbone hf")
         elif self.hf_config:
             require("model_type" in self.hf_config, "hf_config", "needs model_type (e.g. qwen2, llama)")
-
-
-@dataclass
-class ObjectiveSection:
-    """Training objective (maps onto models.objective.ObjectiveConfig plus the SM head optimiser settings)."""
-
-    kind: Literal["binary", "sm", "self_cond"] = field("sm", "binary = MDLM; sm = soft-masking two-pass; "
-                                                            "self_cond = self-conditioning baseline")
-    p_sm: float = field(0.8, "probability that a global batch takes the two-pass feedback step (0.8 in the paper)")
-    k: int = field(3, "top-k tokens mixed into a still-masked position (3 for LM, 1 for code); sets ModelConfig."
-                      "softmask_k")
-    sm_lr: float = field(1e-2, "learning rate of the SM head's parameter group (no weight decay)")
-    schedule: Literal["loglinear", "cosine"] = field("loglinear", "noise schedule")
-    t_min: float | None = field(None, "smallest diffusion time (None = 1e-3); Dream fine-tuning uses 0.2")
-    t_max: float = field(1.0, "largest diffusion time; Dream fine-tuning uses 0.8")
-
-    def __post_init__(self) -> None:
-        require(0.0 <= self.p_sm <= 1.0, "p_sm", f"must be in [0, 1], got {self.p_sm}")
-        require(self.k >= 1, "k", f"must be >= 1, got {self.k}")
-        require(self.sm_lr > 0, "sm_lr", f"must be > 0, got {self.sm_lr}")
-        require(0 < (self.t_min or 1e-3) < self.t_max <= 1.0, "t_max", "need 0 < t_min < t_max <= 1")
 
 
 @dataclass
@@ -163,7 +143,7 @@ class TrainConfig:
     eval_every: int = field(100, "validation every N steps (and at the last step); 0 = only at the end")
     log_every: int = field(1, "append a metrics line every N steps")
     model: ModelSection = field(None, "model flavor and overrides", factory=ModelSection)
-    objective: ObjectiveSection = field(None, "training objective", factory=ObjectiveSection)
+    objective: ObjectiveConfig = field(None, "training objective", factory=ObjectiveConfig)
     data: DataSection = field(None, "dataset", factory=DataSection)
     optim: OptimSection = field(None, "optimizer and schedule", factory=OptimSection)
     scaling: ScalingSection = field(None, "Ray Train workers", factory=ScalingSection)
@@ -289,7 +269,7 @@ def _model_config(cfg: TrainConfig, tokenizer: dict, init: dict | None = None):
 
 def _comparable(model_cfg: dict) -> dict:
     """Fields that must agree between a checkpoint and the model we build (flavor name / k / dropout may differ)."""
-    ignore = {"flavor", "dropout", "softmask_k", "self_conditioning", "init_std",
+    ignore = {"flavor", "dropout", "softmask_k", "softmask_init_scale", "self_conditioning", "init_std",
               "adapters", "base_checkpoint", "source", "dtype", "attn_implementation", "max_seq_len"}
     return {k: v for k, v in model_cfg.items() if k not in ignore}
 

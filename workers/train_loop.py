@@ -1,4 +1,5 @@
-"""``train_loop(config)``: the per-worker function of the Ray Train TorchTrainer.
+"""``train_loop(config, session)``: the per-worker function of the Ray Train TorchTrainer (and, with a
+``workers.train_session.LocalSession``, the same loop alone in the calling process).
 
 config = {"train": TrainConfig.to_dict(), "plan": RunPlan.to_dict()} (rebuilt here; no globals).
 One optimizer step = ``grad_accum`` micro-batches per rank. Every random choice derives from (seed, micro-step, rank):
@@ -23,13 +24,6 @@ def _setup_process(cfg: TrainConfig):
     threads = cfg.scaling.torch_threads or max(1, round(cfg.scaling.cpus_per_worker))
     torch.set_num_threads(threads)
     return torch
-
-
-def _objective(cfg: TrainConfig):
-    from models.objective import ObjectiveConfig
-
-    o = cfg.objective
-    return ObjectiveConfig(kind=o.kind, p_sm=o.p_sm, schedule=o.schedule, t_min=o.t_min, t_max=o.t_max)
 
 
 def _build_model(cfg: TrainConfig, plan: RunPlan, ds_cfg: dict):
@@ -160,12 +154,12 @@ def _validate(torch, engine, batches, obj, cfg: TrainConfig, world: int) -> dict
     return {name: math.exp(min(vals[2 * i] / max(vals[2 * i + 1], 1), 50.0)) for i, (name, _) in enumerate(modes)}
 
 
-def train_loop(config: dict) -> None:
-    """Ray Train per-worker entry point (see the module docstring)."""
+def train_loop(config: dict, session=None) -> None:
+    """Ray Train per-worker entry point (see the module docstring); ``session``: where it runs
+    (``workers.train_session``: a Ray Train worker by default, or a :class:`~workers.train_session.LocalSession`)."""
     cfg = TrainConfig.from_dict(config["train"])
     plan = RunPlan(**config["plan"])
     torch = _setup_process(cfg)
-    import ray.train
     from models.ema import EMA, checksum
     from models.compile import compile_model
     from models.objective import token_nll, training_loss, uses_two_pass
@@ -178,9 +172,12 @@ def train_loop(config: dict) -> None:
     from workers.train_metrics import MetricsSink
 
     t_start = time.perf_counter()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    obj = _objective(cfg)
+    if session is None:
+        from workers.train_session import RaySession
+
+        session = RaySession()
+    rank, world = session.rank, session.world
+    obj = cfg.objective
 
     ds_cfg = build_ds_config(cfg.deepspeed, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, world_size=world,
                              on_gpu=cfg.scaling.use_gpu)
@@ -205,7 +202,7 @@ def train_loop(config: dict) -> None:
         ema_names = set(ema.shadow)
 
     step, cursor, attempt = 0, 0, 0
-    ckpt = ray.train.get_checkpoint()
+    ckpt = session.checkpoint()
     if ckpt is not None:
         state = checkpointing.restore(engine, ema, ckpt, device=str(engine.device))
         step, cursor, attempt = int(state["step"]), int(state["cursor"]), int(state.get("attempt", 0)) + 1
@@ -214,7 +211,7 @@ def train_loop(config: dict) -> None:
     sink = MetricsSink(output, enabled=rank == 0, attempt=attempt)
     with_mask = plan.data_mode == "sft"
     if cfg.data.loader == "ray_data":
-        data = RayDataBatches(ray.train.get_dataset_shard("train"), micro_batch=cfg.micro_batch,
+        data = RayDataBatches(session.dataset_shard("train"), micro_batch=cfg.micro_batch,
                               with_mask=with_mask, start_cursor=cursor)
     else:
         data = LocalShardReader(plan.train_uris, micro_batch=cfg.micro_batch, rank=rank, world=world, seed=cfg.seed,
@@ -239,6 +236,8 @@ def train_loop(config: dict) -> None:
     while step < cfg.steps:
         t0 = time.perf_counter()
         acc: dict[str, float] = defaultdict(float)
+        logged = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+        head = _head_values(engine) if logged else None  # ω before the step: the gate the step's inputs met
         for micro in range(accum):
             gstep = step * accum + micro  # objective / coin / dropout index: identical on every rank
             x0, lm = data.batch(cursor)
@@ -250,12 +249,13 @@ def train_loop(config: dict) -> None:
             torch.manual_seed(_seed(cfg.seed, gstep, rank, "dropout"))
             two_pass = uses_two_pass(obj, cfg.seed, gstep)
             loss, m = training_loss(engine, x0, obj, seed=cfg.seed, step=gstep, rank=rank, world=world,
-                                    loss_mask=lm, two_pass=two_pass, nll=nll)
+                                    loss_mask=lm, two_pass=two_pass, nll=nll,
+                                    gate_centre=head["omega_b"] if head else None)
             engine.backward(loss)
             pre_norm = grad_norm_before_step(engine) if micro == accum - 1 else None
             engine.step()
-            for k in ("loss", "lambda_mean", "two_pass", "masked_frac"):
-                if k in m:  # lambda_mean only on two-pass micro-steps (the same on every rank)
+            for k in ("loss", "lambda_mean", "gate_open", "two_pass", "masked_frac"):
+                if k in m:  # lambda_mean/gate_open: per the micro-step's kind, which is the same on every rank
                     acc[k] += m[k] / accum
         step += 1
         if ema is not None:
@@ -271,10 +271,10 @@ def train_loop(config: dict) -> None:
         if probe is not None:  # counts, not means
             rec["sft_prompt_masked"] *= world
             rec["sft_response_masked"] *= world
-        if cfg.objective.kind == "sm":
-            rec.update(_head_values(engine))
-            rec["sm_lr"] = lrs[-1]
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if logged:
+            rec.update(_head_values(engine))  # ω after the step (any objective: a binary run keeps the init)
+            if cfg.objective.kind == "sm":
+                rec["sm_lr"] = lrs[-1]
             sink.log(step, rec)
         last = {"step": step, "loss": rec["loss"]}
         if eval_due(step):
@@ -287,7 +287,7 @@ def train_loop(config: dict) -> None:
             state = {"step": step, "cursor": cursor, "attempt": attempt, "world": world,
                      "rng": "derived from (seed, micro-step, rank)", "train_config": cfg.to_dict(),
                      "plan": plan.to_dict(), "model_config": plan.model_config}
-            checkpointing.save(engine, ema, state, dict(last), rank)
+            checkpointing.save(engine, ema, state, dict(last), rank, session.report)
 
     metadata = {"objective": cfg.objective.kind, "step": step, "run_name": cfg.run_name, "mode": cfg.mode,
                 "data_manifest": cfg.data.manifest, "seed": cfg.seed}

@@ -100,7 +100,8 @@ class MetricsSink:
 
 
 def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
-    """Training loss and validation PPL (single / two-pass) against the step, as a PNG (atomic write)."""
+    """Training loss, validation PPL (single / two-pass) and the SM gate (ω_s, gate-open share, mean λ) against the
+    step, as a PNG (atomic write)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,7 +110,7 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
     recs = load_metrics(metrics_path)
     train = [r for r in recs if r["kind"] == "train" and "loss" in r]
     val = [r for r in recs if r["kind"] == "val"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
     ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     ax1.set_xlabel("step"), ax1.set_ylabel("loss (per-token ELBO)"), ax1.legend()
     for key, label in (("val_ppl", "val PPL (single pass)"), ("val_ppl_two_pass", "val PPL (two pass)")):
@@ -119,6 +120,13 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
     ax2.set_xlabel("step"), ax2.set_ylabel("perplexity bound"), ax2.set_yscale("log")
     if ax2.lines:
         ax2.legend()
+    for key, label in (("omega_s", "ω_s"), ("gate_open", "gate-open share"), ("lambda_mean", "mean λ")):
+        pts = [(r["step"], r[key]) for r in train if key in r and math.isfinite(r[key])]
+        if pts:
+            ax3.plot(*zip(*pts), label=label)
+    ax3.set_xlabel("step"), ax3.set_ylabel("SM gate"), ax3.set_yscale("log")
+    if ax3.lines:
+        ax3.legend()
     fig.tight_layout()
     png_path = Path(png_path)
     tmp = png_path.with_name(f".{png_path.name}.tmp.png")
