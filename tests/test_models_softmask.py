@@ -224,7 +224,8 @@ def test_head_constructor_rejects_bad_values(kwargs, message):
 
 @pytest.mark.parametrize("k", [None, 2])
 def test_head_with_no_masked_rows_feeds_every_token_unchanged(k):
-    """No position masked (e.g. a fully prompted row): every input is its own token with weight 1, λ is 0 (not NaN)."""
+    """No position masked (e.g. a fully prompted row): every input is its own token with weight 1; the feedback
+    measured nothing (0 rows, λ sum 0, not NaN)."""
     head = SoftMaskHead(k=k, omega_s=0.7)
     x_t = torch.tensor([[3, 1, 4, 1], [5, 0, 2, 6]])
     logits = torch.randn(2, 4, 8)
@@ -233,6 +234,6 @@ def test_head_with_no_masked_rows_feeds_every_token_unchanged(k):
     assert ids.shape == w.shape == (2, 4, K + 1)
     assert torch.equal(ids, x_t.unsqueeze(-1).expand(2, 4, K + 1))
     assert bool((w[..., 0] == 1).all()) and bool((w[..., 1:] == 0).all())
-    assert float(head.last_lambda) == 0.0
-    ids_m, w_m = head.mix(x_t, torch.zeros(2, 4, dtype=torch.bool), logits.reshape(-1, 8)[:0])
+    ids_m, w_m, stats = head.mix(x_t, torch.zeros(2, 4, dtype=torch.bool), logits.reshape(-1, 8)[:0])
     assert torch.equal(ids_m, ids) and torch.equal(w_m, w)
+    assert (float(stats.lambda_sum), float(stats.gate_open), stats.rows) == (0.0, 0.0, 0)

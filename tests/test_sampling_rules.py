@@ -72,13 +72,23 @@ def test_ancestral_reveals_each_masked_token_with_probability_t_minus_s_over_t(t
     assert_binomial(revealed, masked, (t - s) / t, f"ancestral t={t} s={s}")
 
 
-def test_ancestral_last_step_reveals_everything_but_positions_outside_the_step():
+def test_ancestral_step_to_zero_reveals_everything_but_positions_outside_the_step():
     x = half_decoded(4, 10)
     outside = torch.zeros_like(x, dtype=torch.bool)
     outside[:, -1] = True  # a masked position of a later block
     ctx = context(x, peaked_logits(x.shape), 0.1, 0.0, SamplerConfig(), outside=outside, last=True)
     x_new = UPDATE_RULES["ancestral"](ctx)
     assert (x_new[:, 5:-1] == PEAK).all() and (x_new[:, -1] == MASK).all() and (x_new[:, :5] == DECODED).all()
+
+
+def test_ancestral_last_step_is_not_forced():
+    """The grid ends at t_eps > 0: the last step still reveals with (t − s)/t; what stays masked is left to the
+    sampler's noise-removal forward, not unmasked by the rule."""
+    x = half_decoded()
+    ctx = context(x, peaked_logits(x.shape), 0.1, 1e-3 * 40, SamplerConfig(), seed=3, last=True)
+    revealed, masked, remasked, _ = rates(ctx, UPDATE_RULES["ancestral"](ctx))
+    assert remasked == 0 and revealed < masked
+    assert_binomial(revealed, masked, 0.6, "ancestral last step")
 
 
 # ----------------------------------------------------------------------------------------------- ReMDM
@@ -128,11 +138,14 @@ def test_remdm_loop_inside_the_loop_holds_alpha_and_remasks_with_eta(eta):
         assert_binomial(revealed, masked, sigma * 0.9 / 0.1, f"remdm_loop reveal t={t} eta={eta}")
 
 
-def test_remdm_loop_last_step_inside_the_loop_finishes():
-    x = half_decoded(8, 20)
-    ctx = context(x, peaked_logits(x.shape), 0.3, 0.0, SamplerConfig(algorithm="remdm_loop"), last=True)
-    revealed, masked, remasked, _ = rates(ctx, UPDATE_RULES["remdm_loop"](ctx))
-    assert (revealed, remasked) == (masked, 0)
+def test_remdm_loop_last_step_inside_the_loop_is_a_loop_step():
+    """On a coarse grid the last step may fall inside the loop: it still holds α_on and remasks with η (the sampler's
+    noise-removal forward finishes the sequence), it does not reveal everything."""
+    x = half_decoded()
+    ctx = context(x, peaked_logits(x.shape), 0.3, 0.2, SamplerConfig(algorithm="remdm_loop"), seed=2, last=True)
+    revealed, masked, remasked, decoded = rates(ctx, UPDATE_RULES["remdm_loop"](ctx))
+    assert_binomial(remasked, decoded, 0.02, "remdm_loop last-step remasking")
+    assert_binomial(revealed, masked, 0.02 * 0.9 / 0.1, "remdm_loop last-step reveal")
 
 
 # ----------------------------------------------------------------------------------------------- confidence orders
