@@ -17,11 +17,13 @@ Steps (one process, no Ray):
 3. Adaptation: full fine-tuning with the binary (MDLM) objective, t ~ U(1e-3, 1).
 4. From the adapted weights, two fine-tunes on the same blocks in the same order (Dream's recipe, paper §4.3):
    frozen backbone + DoRA r=16 on q/k/v/o + trainable SM head (``--ft-mode dora``; ``full`` trains everything),
-   t ~ U(0.2, 0.8); arm ``binary`` (MDLM) vs arm ``sm`` (two-pass, p_sm 0.5, k=1, SM head lr 1e-2, ω_s started at
+   Dream's noise and loss (one t ~ U(0.2, 0.8) per batch, mask probability (1 − 1e-3)·t + 1e-3, (1/t) · mean over
+   the masked tokens, at least one masked token per row); arm ``binary`` (MDLM) vs arm ``sm`` (two-pass, p_sm 0.5, k=1, SM head lr 1e-2, ω_s started at
    0.25: from the paper's ω_s ≈ 0 init a 100-step arm could not open the SM head, see ``--sm-init-scale``).
 5. HumanEval pass@1 (``models.evaluation.humaneval``; completions executed in limited subprocesses) for each arm at
-   NFE = gen_tokens/4 and gen_tokens/2 (entropy-ordered unmasking, temperature 0.1, top-p 0.9 as in the paper; SM
-   sampler for the SM arm), then the adapted model before fine-tuning when time is left.
+   NFE = gen_tokens/4 and gen_tokens/2 with Dream's sampler (``--preset dream_code``: entropy-ordered unmasking,
+   temperature 0.1, top-p 0.9, Dream's transfer count; ``--chat-template model`` for instruction-tuned models; SM
+   feedback for the SM arm), then the adapted model before fine-tuning when time is left.
 ``--budget-s`` guards the wall clock: phases stop early and evaluations are skipped (recorded) when it runs out.
 """
 from __future__ import annotations
@@ -115,11 +117,12 @@ def humaneval_at(model, tok, *, arm_sm: bool, args, problems, device: str, bf16:
     out = {}
     for frac in args.nfe_fracs:
         steps = max(1, round(args.gen_tokens * frac))
-        cfg = SamplerConfig(steps=steps, algorithm="entropy", soft_mask=arm_sm, temperature=args.temperature,
-                            top_p=args.top_p)
+        cfg = SamplerConfig.preset(args.preset, steps=steps, soft_mask=arm_sm, temperature=args.temperature,
+                                   top_p=args.top_p)
         t0 = time.perf_counter()
         with autocast_for(device, bf16):
             res = run_humaneval(model, tok, cfg, args.gen_tokens, problems=problems, batch_size=args.he_batch,
+                                chat_template=args.chat_template_text,
                                 exec_cfg=ExecConfig(timeout_s=10.0, memory_mb=1024,
                                                     workers=max(1, min(8, os.cpu_count() or 1))))
         out[f"nfe_{frac:g}"] = {"steps": steps, "pass_at_1": round(res.pass_at_1, 4), "passed": res.passed,
@@ -165,6 +168,10 @@ def parse(argv=None):
     ap.add_argument("--nfe-fracs", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 0.5])
     ap.add_argument("--he-problems", type=int, default=164)
     ap.add_argument("--he-batch", type=int, default=48, help="HumanEval problems per sample() call")
+    ap.add_argument("--preset", default="dream_code", help="sampler preset (models.sampling.PRESETS): dream_code = "
+                    "entropy order, temperature 0.1, top-p 0.9 (Dream's rule), Dream's transfer count, grid to 1e-3")
+    ap.add_argument("--chat-template", choices=("none", "model"), default="none",
+                    help="model: prompt through the model folder's chat template (instruction-tuned models)")
     ap.add_argument("--temperature", type=float, default=0.1)
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--no-eval-adapted", action="store_true", help="skip HumanEval of the adapted model before FT")
@@ -207,6 +214,11 @@ def main(argv=None) -> int:
     ckpt, imp = resolve_checkpoint(source, out, "float32", log)  # fp32 master weights; bf16 via autocast
     model = models.load_pretrained(ckpt).to(device)
     tok = load_tokenizer(ckpt)
+    args.chat_template_text = None
+    if args.chat_template == "model":
+        from models.evaluation.humaneval import load_chat_template
+
+        args.chat_template_text = load_chat_template(source if Path(source).is_dir() else ckpt)
     max_len = model.config.max_seq_len
     log(f"model {source}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params on {device} (bf16={bf16})")
 
@@ -247,7 +259,8 @@ def main(argv=None) -> int:
             apply_adapters(m, AdapterConfig(r=16, alpha=16.0, dora=True))  # frozen backbone; adapters + SM head
         if kind == "sm" and args.sm_init_scale > 0:
             set_sm_scale(m, args.sm_init_scale)
-        obj = ObjectiveConfig(kind=kind, p_sm=args.p_sm if kind == "sm" else 0.0, t_min=0.2, t_max=0.8)
+        obj = ObjectiveConfig(kind=kind, p_sm=args.p_sm if kind == "sm" else 0.0, t_min=0.2, t_max=0.8,
+                              schedule="dream", per_batch_t=True, loss_norm="masked", min_one_masked=True)
         arm_deadline = time.monotonic() + 0.5 * (deadline - time.monotonic()) * (0.55 if i == 0 else 0.9)
         ph = train_phase(m, ft_blocks, obj, steps=args.ft_steps, micro=args.micro, lr=args.ft_lr, sm_lr=args.sm_lr,
                          warmup=args.warmup,

@@ -29,6 +29,7 @@ language-model code; dream also keeps the token that crosses p, as Dream's (and 
 TopPRule = Literal[TOP_P_RULES]  # type: ignore[valid-type]  (the same names as a type)
 
 TRANSFER_RULES = ("round", "dream")
+SAMPLER_PRESETS = ("mdlm_lm", "dream_code")  # models.sampling.PRESETS: the papers' sampler settings by task
 """How many positions a confidence rule reveals per step: round = round(#masked · (1 − s/t)) per sample, at least
 one; dream = floor(batch-mean #masked · (1 − s/t)), possibly none, as Dream's sampler (all on the last step in both)."""
 TransferRule = Literal[TRANSFER_RULES]  # type: ignore[valid-type]  (the same names as a type)

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from models.diffusion_lm import MaskedLogits
-from models.names import ALGORITHMS, TOP_P_RULES, TRANSFER_RULES, TRANSPARENCY as TRANSPARENCY_NAMES, check_registry
+from models.names import ALGORITHMS, SAMPLER_PRESETS, TOP_P_RULES, TRANSFER_RULES, TRANSPARENCY as TRANSPARENCY_NAMES, check_registry
 from models.sampling_rules import UPDATE_RULES, StepContext
 from models.softmask import FeedbackStats
 
@@ -108,6 +108,26 @@ class SamplerConfig:
     def remdm_eta(self, paper_default: float) -> float:
         """η of a ReMDM rule: the configured one, else the paper's value for that rule."""
         return paper_default if self.eta is None else self.eta
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "SamplerConfig":
+        """The settings of :data:`PRESETS` ``name``, then ``overrides`` (e.g. steps, soft_mask)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown sampler preset {name!r}; known: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# The papers' sampler settings by task. mdlm_lm: the SM paper's language-model evaluation (ancestral steps on the
+# grid 1 -> 1e-5, nucleus 0.9 with its boundary rule, then the noise-removal forward). dream_code: Dream's sampler as
+# the SM paper's code evaluation runs it (entropy-ordered unmasking, temperature 0.1, top-p 0.9 keeping the crossing
+# token, Dream's transfer count int(masked * (1 - s/t)) with everything left on the last step, grid 1 -> 1e-3).
+PRESETS: dict[str, dict] = {
+    "mdlm_lm": dict(algorithm="ancestral", top_p=0.9, top_p_rule="mdlm", temperature=1.0, t_eps=1e-5,
+                    transfer_rule="round"),
+    "dream_code": dict(algorithm="entropy", top_p=0.9, top_p_rule="dream", temperature=0.1, t_eps=1e-3,
+                       transfer_rule="dream"),
+}
+check_registry("sampler presets", SAMPLER_PRESETS, PRESETS)
 
 
 @dataclass

@@ -322,6 +322,52 @@ def eval_cells(cfg: ExperimentConfig, cells: list[Cell], trained: dict, manifest
     return reports
 
 
+def omega_gradient(export: str, manifest: str, objective: dict, rows: int, batch: int, seed: int = 0) -> dict:
+    """∂L/∂(raw ω_s) of the two-pass SM loss at the run's final weights, one value per held-out batch: its mean, std
+    and signal-to-noise ratio say whether the loss pushes the SM head open (mean < 0), closed (mean > 0) or nowhere
+    (|mean| well under std / √batches)."""
+    import numpy as np
+    import torch
+
+    from models import load_pretrained
+    from models.objective import ObjectiveConfig, training_loss
+    from workers.shard_io import DatasetManifest, read_split_table
+
+    m = DatasetManifest.load(manifest)
+    val = np.asarray(read_split_table(m, "validation").column("input_ids").to_pylist()[:rows], dtype=np.int64)
+    model = load_pretrained(export)
+    obj = ObjectiveConfig(**{**objective, "kind": "sm"})
+    grads = []
+    for i, b in enumerate(range(0, len(val) - batch + 1, batch)):
+        model.zero_grad(set_to_none=True)
+        loss, _ = training_loss(model, torch.as_tensor(val[b:b + batch]), obj, seed=seed, step=i, two_pass=True,
+                                mask_id=model.mask_id)
+        loss.backward()
+        grads.append(float(model.sm_head.raw_scale.grad))
+    g = np.asarray(grads)
+    sd = float(g.std(ddof=1)) if len(g) > 1 else float("nan")
+    return {"mean": float(g.mean()), "std": sd, "batches": len(g), "snr": float(g.mean() / (sd / len(g) ** 0.5)),
+            "omega_s": float(model.sm_head.omega_s)}
+
+
+def omega_gradients(cfg: ExperimentConfig, cells: list[Cell], trained: dict, manifest: str, out: Path) -> dict:
+    """{SM cell name: omega_gradient(...)}, cached beside each run's evaluation (redone when the export changes)."""
+    res = {}
+    for cell in (c for c in cells if c.objective == "sm"):
+        export = trained[cell.name]["export"]
+        f = out / "cells" / cell.name / "omega_grad.json"
+        key = _export_digest(export)
+        if f.is_file() and json.loads(f.read_text()).get("export_digest") == key:
+            res[cell.name] = json.loads(f.read_text())
+            continue
+        obj = {k: v for k, v in cfg.train.get("objective", {}).items()}
+        g = omega_gradient(export, manifest, obj, rows=int(cfg.eval.get("val_rows") or 1024),
+                           batch=int(cfg.train.get("micro_batch", 32)))
+        res[cell.name] = {**g, "export_digest": key}
+        atomic_write(f, json.dumps(res[cell.name]))
+    return res
+
+
 def _export_digest(export: str) -> str:
     p = Path(export, "model.safetensors")
     st = p.stat()
@@ -333,7 +379,8 @@ def hardware() -> dict:
     import torch
 
     info = {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "date": time.strftime("%Y-%m-%d")}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:
@@ -384,6 +431,7 @@ def _run(cfg: ExperimentConfig) -> dict:
     if not cfg.evaluate:
         return {"name": cfg.name, "trained": trained, "train_s": train_s}
     reports = eval_cells(cfg, cells, trained, manifest, out)
+    grads = omega_gradients(cfg, cells, trained, manifest, out)
     m = DatasetManifest.load(manifest)
     summary = {"name": cfg.name, "config": to_dict(cfg), "manifest": manifest, "backend": cfg.backend,
                "dataset": {"train_rows": m.num_rows("train"), "validation_rows": m.num_rows("validation"),
@@ -393,7 +441,7 @@ def _run(cfg: ExperimentConfig) -> dict:
                "hardware": hw, "data_s": data_s, "train_s": train_s, "wall_s": time.perf_counter() - t0,
                "cells": [{"cell": c.__dict__, "name": c.name, "export": trained[c.name]["export"],
                           "train_s": trained[c.name]["train_s"], "run_dir": str(out / "cells" / c.name),
-                          "report": reports[c.name]} for c in cells]}
+                          "report": reports[c.name], "omega_grad": grads.get(c.name)} for c in cells]}
     atomic_write(out / "results.json", json.dumps(summary, indent=1, default=float))
     write_results(summary, str(cfg.report_path))
     return summary

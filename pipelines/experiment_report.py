@@ -1,14 +1,16 @@
-"""docs/results.md of the SM-vs-binary experiment: tables (mean ± std over seeds), plots, verdicts.
+"""The report of the SM-vs-binary experiment: ``docs/results.md`` (tables, plots, verdicts) and ``docs/results.json``
+(one record per run), both regenerated from the experiment's summary.
 
     write_results(summary, "docs/results.md")   # summary = pipelines.experiment.run(...) result
 
-Binary is trained once per seed and is the reference of every budget. A verdict compares SM (or self-conditioning)
-with binary at one budget: difference of means, and that difference in units of the pooled seed standard deviation;
-"beyond seed spread" needs |diff| > 2 pooled std with >= 2 seeds each.
+Every continuation is compared with the binary continuation of the same length (the reference). A verdict says, per
+metric and NFE, whether the difference of the seed means exceeds twice the pooled seed standard deviation ("beyond
+seed spread"); with fewer than two seeds per side it is "not testable".
 """
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -16,6 +18,36 @@ from pathlib import Path
 from pipelines.evaluate import atomic_write
 
 LOWER_IS_BETTER = {"val_ppl": True, "val_ppl_two_pass": True, "gen_ppl": True, "mauve": False, "entropy": False}
+SAMPLE_METRICS = ("gen_ppl", "mauve", "entropy", "lambda_mean", "nfe")
+OPEN_OMEGA_S = 0.1  # an SM head counts as open when its final ω_s is at least this
+
+
+# ------------------------------------------------------------------------------------------------ records
+def arm(cell: dict) -> str:
+    """The group a run belongs to: objective and budget (warm starts carry their initial ω_s)."""
+    if cell["budget"] == "warm":
+        return f"sm-warm{cell['init_omega_s']:g}"
+    return cell["objective"] if cell["budget"] == "continued" else f"{cell['objective']}-{cell['budget']}"
+
+
+def record(rec: dict) -> dict:
+    """One run of docs/results.json: what it is, its SM head at the end and every metric."""
+    c, rep = rec["cell"], rec["report"]
+    v, head = rep["validation"], rep.get("sm_head", {})
+    metrics = {"val_ppl": v["one_pass"]["ppl_bound"],
+               "val_ppl_two_pass": v.get("two_pass", v["one_pass"])["ppl_bound"]}
+    for s in rep["sampling"]:
+        for m in SAMPLE_METRICS:
+            if s.get(m) is not None:
+                metrics[f"{m}@nfe{s['steps']}"] = s[m]
+    out = {"name": rec["name"], "arm": arm(c), "objective": c["objective"], "budget": c["budget"], "seed": c["seed"],
+           "steps": c["steps"], "init_omega_s": c.get("init_omega_s") or None,
+           "gate_open": head.get("gate_open"), "share_h_below_0.75": head.get("share_h_below_0.75"),
+           "metrics": metrics, "train_s": rec.get("train_s"), "export": rec["export"]}
+    if c["objective"] == "sm":
+        out.update({k: head.get(k) for k in ("omega_s", "omega_a", "omega_b")})
+        out["omega_grad"] = rec.get("omega_grad")
+    return out
 
 
 def _stats(xs: list[float]) -> tuple[float, float, int]:
@@ -27,215 +59,224 @@ def _stats(xs: list[float]) -> tuple[float, float, int]:
     return m, sd, len(xs)
 
 
-def _fmt(m: float, sd: float, n: int, digits: int = 2) -> str:
-    if n == 0 or math.isnan(m):
+def _fmt(xs: list[float], digits: int = 2) -> str:
+    m, sd, n = _stats(xs)
+    if n == 0:
         return "-"
-    return f"{m:.{digits}f} ± {sd:.{digits}f}" if n > 1 else f"{m:.{digits}f}"
+    f = (lambda x: f"{x:.{digits}g}") if digits < 0 else (lambda x: f"{x:.{digits}f}")
+    if digits < 0:
+        digits = -digits
+    return f"{f(m)} ± {f(sd)}" if n > 1 else f(m)
 
 
-def collect(summary: dict) -> tuple[dict, list[int]]:
-    """{(objective, budget): {metric or (metric, steps): [values over seeds]}}, sorted sampling steps."""
-    budgets = summary["config"]["grid"]["budgets"]
-    groups: dict = defaultdict(lambda: defaultdict(list))
-    steps_seen = set()
-    for rec in summary["cells"]:
-        c, rep = rec["cell"], rec["report"]
-        keys = [(c["objective"], b) for b in budgets] if (c["objective"], c["budget"]) == ("binary", "iso_update") \
-            else [(c["objective"], c["budget"])]
-        v = rep["validation"]
-        for key in keys:
-            g = groups[key]
-            g["train_steps"].append(c["steps"])
-            g["val_ppl"].append(v["one_pass"]["ppl_bound"])
-            if "two_pass" in v:
-                g["val_ppl_two_pass"].append(v["two_pass"]["ppl_bound"])
-            for spec, h in v.get("heldout", {}).items():
-                g[("heldout_ppl", spec)].append(h.get("two_pass", h["one_pass"])["ppl_bound"])
-            for s in rep["sampling"]:
-                if "gen_ppl" not in s:
-                    continue
-                steps_seen.add(s["steps"])
-                for metric in ("gen_ppl", "mauve", "entropy", "tokens_per_s"):
-                    if metric in s:
-                        g[(metric, s["steps"])].append(s[metric])
-    return groups, sorted(steps_seen)
+def groups(records: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """{arm: {metric: [value per seed]}} over the continued runs (the base is its own arm)."""
+    g: dict = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        for k, x in r["metrics"].items():
+            g[r["arm"]][k].append(x)
+        g[r["arm"]]["gate_open"].append(r["gate_open"])
+        if r["objective"] == "sm":
+            g[r["arm"]]["omega_s"].append(r["omega_s"])
+    return g
 
 
-def verdict(groups: dict, other: str, budget: str, metric, label: str) -> str | None:
-    a, b = groups.get((other, budget)), groups.get(("binary", budget))
+def verdict(g: dict, other: str, metric: str) -> str | None:
+    """One line: `other` vs binary on `metric`, with the seed spread."""
+    a, b = g.get(other, {}).get(metric), g.get("binary", {}).get(metric)
     if not a or not b:
         return None
-    name = metric[0] if isinstance(metric, tuple) else metric
-    ma, sa, na = _stats(a.get(metric, []))
-    # binary has no feedback pass: its two-pass bound is its one-pass bound
-    mb, sb, nb = _stats(b.get("val_ppl" if metric == "val_ppl_two_pass" else metric, []))
-    if na == 0 or nb == 0:
-        return None
-    lower = LOWER_IS_BETTER.get(name, True)
-    better = (ma < mb) if lower else (ma > mb)
+    (ma, sa, na), (mb, sb, nb) = _stats(a), _stats(b)
+    name = metric.split("@")[0]
     diff = ma - mb
-    if diff == 0:
-        return (f"- **{budget}**, {label}: {other} {ma:.3f} vs binary {mb:.3f} -> identical (no difference at all; "
-                f"a constant value across seeds usually means the metric is saturated at this sample size).")
+    better = (diff < 0) if LOWER_IS_BETTER.get(name, True) else (diff > 0)
     if na > 1 and nb > 1:
         pooled = math.sqrt((sa ** 2 + sb ** 2) / 2)
         z = abs(diff) / pooled if pooled > 0 else (0.0 if diff == 0 else float("inf"))
-        spread = f"{z:.1f}x the pooled seed std ({pooled:.3g})"
-        sig = "beyond seed spread" if z > 2 else "within seed spread"
+        spread = f"{z:.1f}× the pooled seed std {pooled:.3g}"
+        sig = "**beyond seed spread**" if z > 2 else "within seed spread"
     else:
-        spread, sig = "no seed spread (1 seed)", "not testable"
-    word = "better" if better else "worse"
-    return (f"- **{budget}**, {label}: {other} {ma:.3f} vs binary {mb:.3f} -> {other} is {word} by {abs(diff):.3f} "
-            f"({spread}; {sig}).")
+        spread, sig = "one seed", "not testable"
+    word = "same" if diff == 0 else ("better" if better else "worse")
+    return f"| {other} | {metric} | {ma:.4g} | {mb:.4g} | {word} by {abs(diff):.3g} | {spread} | {sig} |"
 
 
-def _plots(groups: dict, steps_list: list[int], stem: Path, ref: dict | None) -> list[str]:
+# ------------------------------------------------------------------------------------------------ plots
+def _train_rows(run_dir: str) -> list[dict]:
+    f = Path(run_dir, "metrics.jsonl")
+    if not f.is_file():
+        return []
+    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("kind") == "train"]
+
+
+def _save(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    atomic_write(path, buf.getvalue())
+
+
+def plots(summary: dict, records: list[dict], stem: Path) -> list[str]:
+    """ω_s / ω_b trajectories of every SM run (the paper's Fig. 3b), the base's gate-open share against steps, and
+    gen-PPL against NFE per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = []
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for (obj, budget), g in sorted(groups.items()):
-        if budget == "continued":
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 3.8))
+    colours = {}
+    for rec in summary["cells"]:
+        rows = _train_rows(rec["run_dir"])
+        if not rows:
             continue
-        pts = [(s, *_stats(g.get(("gen_ppl", s), []))[:2]) for s in steps_list if g.get(("gen_ppl", s))]
-        if pts:
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[0 if math.isnan(p[2]) else p[2] for p in pts],
-                        marker="o", capsize=3, label=f"{obj} / {budget}", ls="-" if obj != "binary" else "--")
-    if ref:
-        ax.axhline(ref["gen_ppl"], c="gray", ls=":", label="real held-out text")
+        a = arm(rec["cell"])
+        if rec["cell"]["budget"] == "base":
+            xs = [r["step"] for r in rows if r.get("gate_open") is not None]
+            a3.plot(xs, [r["gate_open"] for r in rows if r.get("gate_open") is not None], lw=0.8)
+            continue
+        if rec["cell"]["objective"] != "sm":
+            continue
+        col = colours.setdefault(a, f"C{len(colours)}")
+        lab = a if a not in {ln.get_label() for ln in a1.get_lines()} else None
+        a1.plot([r["step"] for r in rows], [r["omega_s"] for r in rows], c=col, lw=0.9, label=lab)
+        a2.plot([r["step"] for r in rows], [r["omega_b"] for r in rows], c=col, lw=0.9, label=lab)
+    a1.axhline(OPEN_OMEGA_S, c="gray", ls=":", lw=0.8)
+    a1.set(xlabel="continued-pretraining step", ylabel="ω_s", yscale="log", title="ω_s (λ's ceiling) per SM run")
+    a2.set(xlabel="continued-pretraining step", ylabel="ω_b", title="ω_b (gate centre on −H)")
+    a3.set(xlabel="base step", ylabel="share of masked rows", title="base: gate-open share at init ω (H ≤ 0.75)")
+    a1.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, stem.parent / f"{stem.name}_omega.png")
+    plt.close(fig)
+    names.append(f"{stem.name}_omega.png")
+
+    g = groups([r for r in records if r["budget"] != "base"])
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for a, m in sorted(g.items()):
+        nfes = sorted({int(k.split("@nfe")[1]) for k in m if k.startswith("gen_ppl@")})
+        pts = [(n, *_stats(m[f"gen_ppl@nfe{n}"])[:2]) for n in nfes]
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[0 if math.isnan(p[2]) else p[2] for p in pts],
+                    marker="o", capsize=3, label=a, ls="--" if a == "binary" else "-")
+    ref = summary["cells"][0]["report"].get("reference") or {}
+    if "gen_ppl" in ref:
+        ax.axhline(ref["gen_ppl"], c="gray", ls=":", label="held-out text")
     ax.set(xlabel="NFE (sampling steps)", ylabel="gen-PPL (evaluator)", yscale="log", title="gen-PPL vs NFE")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    for fname, f in ((f"{stem.name}_genppl_vs_nfe.png", fig),):
-        buf = io.BytesIO()
-        f.savefig(buf, format="png", dpi=90)
-        atomic_write(stem.parent / fname, buf.getvalue())
-        names.append(fname)
+    _save(fig, stem.parent / f"{stem.name}_genppl_vs_nfe.png")
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    markers = {"binary": "s", "sm": "o", "self_cond": "^"}
-    for (obj, budget), g in sorted(groups.items()):
-        xs, ys = [], []
-        for s in steps_list:
-            e, p = _stats(g.get(("entropy", s), []))[0], _stats(g.get(("gen_ppl", s), []))[0]
-            if not (math.isnan(e) or math.isnan(p)):
-                xs.append(e)
-                ys.append(p)
-        if xs:
-            ax.scatter(xs, ys, marker=markers.get(obj, "x"), label=f"{obj} / {budget}")
-    if ref:
-        ax.scatter([ref["entropy"]], [ref["gen_ppl"]], c="k", marker="*", s=120, label="real held-out text")
-    ax.set(xlabel="unigram entropy (nats)", ylabel="gen-PPL", yscale="log", title="gen-PPL vs entropy (each NFE)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    fname = f"{stem.name}_genppl_vs_entropy.png"
-    atomic_write(stem.parent / fname, buf.getvalue())
-    return names + [fname]
+    return names + [f"{stem.name}_genppl_vs_nfe.png"]
 
 
-def markdown(summary: dict, groups: dict, steps_list: list[int], plots: list[str]) -> str:
-    cfg = summary["config"]
-    g = cfg["grid"]
-    first = summary["cells"][0]["report"] if summary["cells"] else {}
-    ev = first.get("evaluator", {})
-    ref = first.get("reference", {})
-    ecfg = first.get("config", {})
-    hw = summary["hardware"]
-    ds = summary["dataset"]
-    L = []
-    L += [f"# Results: {summary['name']}", "",
-          "Generated by `pipelines/experiment.py` (do not edit by hand; rerun the command below).", "",
-          "## Setup", "",
-          f"- command: `{cfg.get('command') or 'python -m pipelines.experiment <config>'}`",
-          f"- training backend: `{summary['backend']}`"
-          + (" (pipelines.train.run: Ray Train + DeepSpeed)" if summary["backend"] == "stage"
-             else " (in-process loop with models.objective.training_loss, no EMA)"),
-          f"- dataset: {ds['train_rows']} train rows / {ds['validation_rows']} validation rows of {ds['seq_len']} "
-          f"tokens ({ds['train_tokens']:,} train tokens), tokenizer `{ds['tokenizer']}` (vocab {ds['vocab_size']})",
-          f"- model: flavor `{summary['model_config'].get('flavor')}` d_model {summary['model_config'].get('d_model')}, "
-          f"{summary['model_config'].get('n_layers')} layers; SM k={summary['model_config'].get('softmask_k')}, "
-          f"p_sm={summary['p_sm']}",
-          f"- grid: objectives {g['objectives']}, budgets {g['budgets']}, seeds {g['seeds']}, binary steps "
-          f"{g['base_steps']}, continued arm +{g['continued_steps']} steps",
-          "- measured extra training FLOP fraction (per step, vs one-pass): "
-          + ", ".join(f"{k} {v:.3f}" for k, v in summary["extra_flop_fraction"].items()),
-          f"- evaluator: {ev.get('description', '?')} (sha256 {str(ev.get('source_sha256', ''))[:12]}); gen-PPL "
-          f"context {ecfg.get('gen_ppl_context')}; MAUVE on evaluator last-token features, "
-          f"{ecfg.get('mauve_buckets')} buckets, seed {ecfg.get('mauve_seed')}, {ecfg.get('num_samples')} samples vs "
-          f"{ref.get('rows')} held-out rows; sampler `{ecfg.get('algorithm')}`, SM feedback on for sm/self_cond",
-          f"- real held-out text under the same metrics: gen-PPL {ref.get('gen_ppl', float('nan')):.2f}, entropy "
-          f"{ref.get('entropy', float('nan')):.3f}",
-          f"- hardware: {hw.get('gpu') or hw.get('processor')}, {hw.get('cpus')} CPUs, {hw.get('platform')}, torch "
-          f"{hw.get('torch')}; load average at start {hw.get('load_avg_at_start', '?')}",
-          f"- wall time: {summary['wall_s'] / 60:.1f} min in total (data {summary['data_s']:.0f} s)", ""]
-    L += ["## Validation perplexity bound (ELBO, held-out split; mean ± std over seeds)", "",
-          "| objective | budget | train steps | PPL one-pass | PPL two-pass |", "|---|---|---:|---:|---:|"]
-    for (obj, budget), gr in sorted(groups.items()):
-        L.append(f"| {obj} | {budget} | {int(_stats(gr['train_steps'])[0])} | {_fmt(*_stats(gr['val_ppl']))} | "
-                 f"{_fmt(*_stats(gr.get('val_ppl_two_pass', [])))} |")
-    L += ["", "## Samples (gen-PPL / MAUVE / entropy per NFE; mean ± std over seeds)", "",
-          "| objective | budget | NFE | gen-PPL | MAUVE | entropy | tokens/s |", "|---|---|---:|---:|---:|---:|---:|"]
-    for (obj, budget), gr in sorted(groups.items()):
-        for s in steps_list:
-            if gr.get(("gen_ppl", s)):
-                L.append(f"| {obj} | {budget} | {s} | {_fmt(*_stats(gr[('gen_ppl', s)]))} | "
-                         f"{_fmt(*_stats(gr.get(('mauve', s), [])), digits=3)} | "
-                         f"{_fmt(*_stats(gr.get(('entropy', s), [])), digits=3)} | "
-                         f"{_fmt(*_stats(gr.get(('tokens_per_s', s), [])), digits=0)} |")
-    L += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    L += ["", "## Verdict: did SM beat binary?", ""]
-    budgets = list(g["budgets"]) + (["continued"] if g["continued_steps"] else [])
-    for other in [o for o in g["objectives"] if o != "binary"]:
-        L.append(f"### {other} vs binary")
-        for b in budgets:
-            if b == "continued" and other != "sm":
-                continue
-            for metric, label in [("val_ppl_two_pass" if other != "binary" else "val_ppl", "validation PPL bound "
-                                   "(two-pass)"), ("val_ppl", "validation PPL bound (one-pass)")] + \
-                                 [((m, s), f"{m} @ NFE {s}") for s in steps_list for m in ("gen_ppl", "mauve")]:
-                line = verdict(groups, other, b, metric, label)
-                if line:
-                    L.append(line)
-        L.append("")
-    L += sm_head_diagnostic(summary)
-    where = hw.get("gpu") or f"{hw.get('cpus')}-core CPU"
-    L += [f"Caveats: small models trained for few steps (on one {where}); the evaluator is SmolLM2-135M, not GPT-2 "
-          "Large, so numbers are not comparable with the paper's; MAUVE with few samples is noisy (fixed buckets and "
-          "seed above). A 'better' that is 'within seed spread' is not evidence either way.", ""]
+# ------------------------------------------------------------------------------------------------ markdown
+def _setup(summary: dict) -> list[str]:
+    cfg, g, hw, ds, mc = summary["config"], summary["config"]["grid"], summary["hardware"], summary["dataset"], \
+        summary["model_config"]
+    first = summary["cells"][0]["report"]
+    ev, ref, ecfg = first.get("evaluator", {}), first.get("reference", {}), first.get("config", {})
+    return [
+        "## Setup", "",
+        f"- command: `{cfg.get('command') or 'softmask experiment --config <config>'}`",
+        f"- design: one binary base ({g['base_steps']} steps, seed {g['base_seed']}), then every arm continued from it "
+        f"for {g['continued_steps']} optimizer steps, seeds {g['seeds']}; arms: {g['objectives']}"
+        + (f" and SM warm-started at ω_s ∈ {g['sm_warm_starts']} (ablation)" if g.get("sm_warm_starts") else ""),
+        f"- training: backend `{summary['backend']}`; continued lr {cfg['continue_train'].get('optim', {}).get('lr')}, "
+        f"SM lr {cfg['train'].get('objective', {}).get('sm_lr')}, p_sm {summary['p_sm']}, "
+        f"k {mc.get('softmask_k')}, batch {cfg['train'].get('global_batch')} × {ds['seq_len']} tokens",
+        f"- data: {ds['train_rows']:,} train rows / {ds['validation_rows']:,} validation rows of {ds['seq_len']} tokens "
+        f"({ds['train_tokens']:,} train tokens); tokenizer `{ds['tokenizer']}`, vocab {ds['vocab_size']}",
+        f"- model: flavor `{mc.get('flavor')}`, d_model {mc.get('d_model')}, {mc.get('n_layers')} layers, "
+        f"{mc.get('n_heads')} heads",
+        "- extra training FLOPs per step vs one-pass (measured): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in summary["extra_flop_fraction"].items()),
+        f"- evaluation: validation ELBO on {ecfg.get('val_rows')} rows × {ecfg.get('elbo_draws')} draws; "
+        f"{ecfg.get('num_samples')} unconditional samples per NFE, sampler `{ecfg.get('algorithm')}`, top-p "
+        f"{ecfg.get('top_p')} ({ecfg.get('top_p_rule')} rule), time grid 1 → {ecfg.get('t_eps')} then a noise-removal "
+        f"forward; gen-PPL and MAUVE ({ecfg.get('mauve_buckets')} buckets, seed {ecfg.get('mauve_seed')}) under "
+        f"{ev.get('description', '?')}; held-out text scores gen-PPL {ref.get('gen_ppl', float('nan')):.1f}, "
+        f"entropy {ref.get('entropy', float('nan')):.3f}",
+        f"- hardware: {hw.get('gpu') or hw.get('processor')}, {hw.get('cpus')} CPUs, torch {hw.get('torch')}, load "
+        f"average at start {hw.get('load_avg_at_start', '?')}; date {hw.get('date', '?')}; wall "
+        f"{summary['wall_s'] / 60:.0f} min for this invocation (cached runs and evaluations are not redone)", ""]
+
+
+def _head_section(records: list[dict]) -> list[str]:
+    sm = [r for r in records if r["objective"] == "sm"]
+    if not sm:
+        return []
+    L = ["## The SM head", "",
+         "Final learned parameters of every SM run, its gate-open share on held-out data (masked positions at "
+         "t ~ U(0, 1) whose gate σ(ω_a(−H − ω_b)) ≥ ½), the share of masked positions with H ≤ 0.75 nats, the mean λ "
+         "fed back while sampling at the largest NFE, and the ω_s gradient at the final weights (mean ± std over "
+         "training batches of the two-pass loss; its signal-to-noise ratio says whether the loss pushes the head).", "",
+         "| run | init ω_s | ω_s | ω_a | ω_b | gate-open | H ≤ 0.75 | mean λ (sampling) | ∂L/∂raw ω_s (mean ± std) |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sm:
+        lam = [v for k, v in sorted(r["metrics"].items(), key=lambda kv: kv[0]) if k.startswith("lambda_mean@")]
+        gr = r.get("omega_grad") or {}
+        grad = f"{gr['mean']:.2g} ± {gr['std']:.2g} (n={gr['batches']})" if gr else "-"
+        L.append(f"| {r['name']} | {r['init_omega_s'] or 1e-6:.0e} | {r['omega_s']:.3g} | {r['omega_a']:.3g} | "
+                 f"{r['omega_b']:.3g} | {r['gate_open']:.3f} | {r['share_h_below_0.75']:.3f} | "
+                 f"{(lam[-1] if lam else float('nan')):.2g} | {grad} |")
+    paper = [r for r in sm if not r["init_omega_s"]]
+    opened = [r for r in paper if r["omega_s"] >= OPEN_OMEGA_S]
+    L += ["", f"**Head status:** {len(opened)} of {len(paper)} SM continuations from the paper's init ended with "
+              f"ω_s ≥ {OPEN_OMEGA_S} (final ω_s " + ", ".join(f"{r['omega_s']:.2g}" for r in paper) + ").", ""]
+    return L
+
+
+def markdown(summary: dict, records: list[dict], figs: list[str]) -> str:
+    cont = [r for r in records if r["budget"] != "base"]
+    g = groups(cont)
+    arms = ["binary"] + sorted(a for a in g if a != "binary")
+    nfes = sorted({int(k.split("@nfe")[1]) for r in cont for k in r["metrics"] if k.startswith("gen_ppl@")})
+    L = [f"# Results: {summary['name']}", "",
+         "Generated by the command below (pipelines/experiment.py and pipelines/experiment_report.py); do not edit by "
+         "hand. One record per run, every metric: `results.json` beside this file.", ""]
+    L += _setup(summary)
+    base = [r for r in records if r["budget"] == "base"]
+    if base:
+        b = base[0]
+        L += [f"Base: binary, {b['steps']} steps, val PPL bound {b['metrics']['val_ppl']:.3f}, gate-open share at "
+              f"the initial ω {b['gate_open']:.3f} (held-out, t ~ U(0, 1)).", ""]
+    L += ["## Validation perplexity bound (ELBO; mean ± std over seeds)", "",
+          "Two-pass is the SM headline, as in the paper's code: pass 1 predicts, pass 2 scores the soft-masked input "
+          "(self-conditioning likewise); binary's two-pass equals its one-pass.", "",
+          "| arm | seeds | PPL one-pass | PPL two-pass | gate-open share | final ω_s |", "|---|---:|---:|---:|---:|---:|"]
+    for a in arms:
+        m = g[a]
+        L.append(f"| {a} | {len(m['val_ppl'])} | {_fmt(m['val_ppl'], 3)} | {_fmt(m['val_ppl_two_pass'], 3)} | "
+                 f"{_fmt(m['gate_open'], 3)} | {_fmt(m.get('omega_s', []), -2)} |")
+    L += ["", "## Samples per NFE (mean ± std over seeds)", "",
+          "NFE = sampling steps; `forwards` = model forwards actually run (unchanged steps are skipped, the "
+          "noise-removal forward counts).", "",
+          "| arm | NFE | gen-PPL | MAUVE | entropy | mean λ | forwards |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for a in arms:
+        for n in nfes:
+            m = g[a]
+            L.append(f"| {a} | {n} | {_fmt(m.get(f'gen_ppl@nfe{n}', []), 1)} | {_fmt(m.get(f'mauve@nfe{n}', []), 3)} | "
+                     f"{_fmt(m.get(f'entropy@nfe{n}', []), 3)} | {_fmt(m.get(f'lambda_mean@nfe{n}', []), -2)} | "
+                     f"{_fmt(m.get(f'nfe@nfe{n}', []), 1)} |")
+    L += ["", "## Plots", ""] + [f"![{p}]({p})" for p in figs] + [""]
+    L += _head_section(records)
+    L += ["## Verdict: each arm against the binary continuation", "",
+          "| arm | metric | arm mean | binary mean | difference | spread | verdict |", "|---|---|---:|---:|---|---|---|"]
+    metrics = ["val_ppl_two_pass", "val_ppl"] + [f"{m}@nfe{n}" for n in nfes for m in ("gen_ppl", "mauve", "entropy")]
+    for a in arms[1:]:
+        L += [line for line in (verdict(g, a, m) for m in metrics) if line]
+    L += ["", "A 'better' within seed spread is not evidence either way. The evaluator is not the paper's GPT-2 Large "
+          "and the model is small, so the absolute numbers are not comparable with the paper's.", ""]
     return "\n".join(L)
 
 
-def sm_head_diagnostic(summary: dict) -> list[str]:
-    """Did the SM head move away from its init? (ω_s ≈ 0 means pass 2 sees pure masks: SM trains as binary.)"""
-    import json
-
-    vals = []
-    for rec in summary["cells"]:
-        f = Path(rec["export"]) / "softmask_head.json"
-        if rec["cell"]["objective"] == "sm" and f.is_file():
-            vals.append(json.loads(f.read_text())["omega_s"])
-    if not vals:
-        return []
-    line = (f"SM head after training: omega_s in [{min(vals):.3g}, {max(vals):.3g}] over {len(vals)} SM exports.")
-    if max(vals) < 1e-4:
-        line += (" The SM head never left its initialisation (omega_s ~ 1e-6, the paper's init), so the SM models "
-                 "trained and sampled as binary MDLM in effect; SM-vs-binary differences here are seed/budget noise, "
-                 "not a test of soft-masking. Why: lambda = omega_s * sigmoid(omega_a * (-H - omega_b)) with omega_a "
-                 "6.66, omega_b -0.75; a weak model's predictions have entropy H of several nats, so the gate is "
-                 "~exp(-30) and the gradient reaching omega is ~1e-20, far below AdamW's eps (1e-8). SM can only "
-                 "switch on once predictions are confident (H < ~1 nat): a strong or continued-pretrained model.")
-    return [line, ""]
-
-
 def write_results(summary: dict, md_path: str) -> None:
-    groups, steps_list = collect(summary)
+    """Write the markdown report, its plots and ``results.json`` (one record per run) beside it."""
+    records = [record(rec) for rec in summary["cells"]]
     stem = Path(md_path).with_suffix("")
-    ref = summary["cells"][0]["report"].get("reference") if summary["cells"] else None
-    plots = _plots(groups, steps_list, stem, ref) if summary["cells"] else []
-    atomic_write(md_path, markdown(summary, groups, steps_list, plots))
+    figs = plots(summary, records, stem) if summary["cells"] else []
+    doc = {"name": summary["name"], "command": summary["config"].get("command"), "hardware": summary["hardware"],
+           "dataset": summary["dataset"], "model_config": summary["model_config"], "runs": records}
+    atomic_write(stem.with_suffix(".json"), json.dumps(doc, indent=1, default=float))
+    atomic_write(md_path, markdown(summary, records, figs))

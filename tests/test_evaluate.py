@@ -4,8 +4,9 @@
 - gen-PPL ranks a real Shakespeare passage far below its word-shuffled version; every token is scored once;
 - MAUVE on evaluator last-token features: real-vs-real >> real-vs-shuffled;
 - the validation ELBO on a tiny case equals a hand computation (and its expectation (1-eps)·log(V-1));
-- budgets / config validation; the experiment runner on a 2-cell micro grid end to end (real tokenizer training,
-  real preprocessing on Ray, real Ray Train + DeepSpeed training, evaluation, docs-style report), and idempotent rerun.
+- budgets / config validation; the experiment end to end on a micro grid (real tokenizer training, real
+  preprocessing on Ray, a binary base and its binary / SM continuations trained with the stage's loop in-process on
+  DeepSpeed, evaluation, the report and results.json), and an idempotent rerun.
 """
 from __future__ import annotations
 
@@ -197,18 +198,23 @@ def test_budgets_and_grid_validation():
     from pipelines.experiment import ExperimentConfig, extra_flop_fraction, plan_cells
     from models import ModelConfig
 
-    cfg = from_dict(ExperimentConfig, {"manifest": "m", "grid": {"objectives": ["binary", "sm"], "seeds": [0, 1],
-                                                                 "base_steps": 100, "continued_steps": 10}})
-    cells = plan_cells(cfg, {"binary": 0.0, "sm": 0.5})
+    cfg = from_dict(ExperimentConfig, {"manifest": "m", "grid": {
+        "objectives": ["binary", "sm"], "seeds": [0, 1], "continued_steps": 10, "sm_warm_starts": [0.1],
+        "scratch_budgets": ["iso_update", "iso_compute", "flop_matched"], "scratch_steps": 100}})
+    cells = plan_cells(cfg, {"binary": 0.0, "sm": 0.5}, "base/export")
     steps = {(c.objective, c.budget, c.seed): c.steps for c in cells}
+    assert steps[("binary", "continued", 0)] == steps[("sm", "continued", 1)] == steps[("sm", "warm", 0)] == 10
+    assert all(c.init == "base/export" for c in cells if c.budget in ("continued", "warm"))
+    assert [c.name for c in cells if c.budget == "warm"] == ["sm-warm0.1-s0", "sm-warm0.1-s1"]
     assert steps[("binary", "iso_update", 0)] == 100 and ("binary", "iso_compute", 0) not in steps
     assert steps[("sm", "iso_update", 1)] == 100 and steps[("sm", "iso_compute", 1)] == 50
-    assert steps[("sm", "flop_matched", 0)] == 67 and steps[("sm", "continued", 1)] == 10
-    assert len(cells) == 2 * (1 + 3 + 2)
-    with pytest.raises(ConfigError, match="grid.objectives"):
-        from_dict(ExperimentConfig, {"manifest": "m", "grid": {"objectives": ["sm", "mystery"]}})
-    with pytest.raises(ConfigError, match="grid.objectives"):
-        from_dict(ExperimentConfig, {"manifest": "m", "grid": {"objectives": ["sm"]}})
+    assert steps[("sm", "flop_matched", 0)] == 67
+    assert len(cells) == 2 * (2 + 1 + 1 + 3)
+    for bad, field_name in (({"objectives": ["sm", "mystery"]}, "grid.objectives"), ({"objectives": ["sm"]},
+                            "grid.objectives"), ({"sm_warm_starts": [1.5]}, "grid.sm_warm_starts"),
+                            ({"scratch_budgets": ["iso_update"]}, "grid.scratch_steps")):
+        with pytest.raises(ConfigError, match=field_name):
+            from_dict(ExperimentConfig, {"manifest": "m", "grid": bad})
     mc = ModelConfig.from_flavor("debug", vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=16).to_dict()
     f = extra_flop_fraction(mc, "sm", 0.8, rows=2, seq_len=16)
     assert 0.1 < f < 0.8 * 1.5  # pass 1 has no backward: < one extra full step
@@ -229,28 +235,36 @@ def test_experiment_micro_grid_end_to_end(ray_session, tmp_path):
     sec["preprocess"]["output"] = str(tmp_path / "data")
     cfg = from_dict(ExperimentConfig, sec)
     summary = run(cfg)
-    cells = {(c["cell"]["objective"], c["cell"]["budget"]): c for c in summary["cells"]}
-    assert set(cells) == {("binary", "iso_update"), ("sm", "iso_update")}
-    for (obj, _), rec in cells.items():
-        rep = rec["report"]
+    cells = {c["name"]: c for c in summary["cells"]}
+    assert set(cells) == {"binary-base-s0", "binary-continued-s0", "sm-continued-s0"}
+    for name, rec in cells.items():
+        obj, rep = rec["cell"]["objective"], rec["report"]
         assert rep["objective"] == obj
         assert math.isfinite(rep["validation"]["one_pass"]["nll"]) and rep["validation"]["one_pass"]["ppl_bound"] > 1
         assert ("two_pass" in rep["validation"]) == (obj == "sm")
+        assert 0 <= rep["sm_head"]["gate_open"] <= 1 and rep["sm_head"]["masked_positions"] > 0
         s = rep["sampling"][0]
         assert s["executor"] == "ray" and s["samples"] == 4
-        assert s["nfe"] == 8 and s["soft_mask"] == (obj == "sm") and s["gen_ppl"] > 1 and 0 < s["mauve"] <= 1
+        assert 1 <= s["nfe"] <= 9 and s["soft_mask"] == (obj == "sm") and s["gen_ppl"] > 1 and 0 < s["mauve"] <= 1
+        assert (s["lambda_mean"] is not None) == (obj == "sm")
         assert "SmolLM2" in rep["evaluator"]["description"]
         ev_dir = Path(rep["output_dir"])
-        assert json.loads((ev_dir / "eval.json").read_text())["tag"] == rec["cell"]["objective"] + "-iso_update-s0"
-        assert (ev_dir / "eval.md").read_text().count("|") > 10 and (ev_dir / "eval_nfe.png").stat().st_size > 1000
+        assert json.loads((ev_dir / "eval.json").read_text())["tag"] == name
     assert summary["extra_flop_fraction"]["sm"] > 0
+    grad = cells["sm-continued-s0"]["omega_grad"]
+    assert grad["batches"] >= 1 and math.isfinite(grad["mean"]) and grad["omega_s"] < 1e-3  # paper init, 2 steps
     md = (tmp_path / "exp" / "results.md").read_text()
-    assert "Verdict" in md and "sm vs binary" in md and "iso_update" in md and "SmolLM2" in md
+    assert "Verdict" in md and "The SM head" in md and "| sm |" in md and "SmolLM2" in md
+    doc = json.loads((tmp_path / "exp" / "results.json").read_text())
+    runs = {r["name"]: r for r in doc["runs"]}
+    assert runs["sm-continued-s0"]["objective"] == "sm" and runs["sm-continued-s0"]["steps"] == 2
+    assert runs["sm-continued-s0"]["omega_s"] == pytest.approx(cells["sm-continued-s0"]["report"]["sm_head"]["omega_s"])
+    assert "omega_s" not in runs["binary-continued-s0"] and runs["binary-continued-s0"]["seed"] == 0
+    assert {"val_ppl", "val_ppl_two_pass", "gen_ppl@nfe8", "mauve@nfe8"} <= set(runs["binary-continued-s0"]["metrics"])
+    assert (tmp_path / "exp" / "results_omega.png").stat().st_size > 1000
     assert (tmp_path / "exp" / "results_genppl_vs_nfe.png").is_file()
-    assert (tmp_path / "exp" / "results_genppl_vs_entropy.png").is_file()
     # idempotent: a rerun reuses every finished cell (no retraining: exports untouched)
     stamp = {k: Path(c["export"], "model.safetensors").stat().st_mtime for k, c in cells.items()}
     again = run(cfg)
     assert [c["cell"] for c in again["cells"]] == [c["cell"] for c in summary["cells"]]
-    assert stamp == {(c["cell"]["objective"], c["cell"]["budget"]): Path(c["export"], "model.safetensors")
-                     .stat().st_mtime for c in again["cells"]}
+    assert stamp == {c["name"]: Path(c["export"], "model.safetensors").stat().st_mtime for c in again["cells"]}

@@ -253,3 +253,21 @@ def test_finetune_sft_dora_masks_only_responses_with_frozen_backbone(binary_run,
     assert changed - {n for n in changed if is_sm_param(n)} == {f"backbone.blocks.{i}.attn.qkv.weight"
                                                               for i in range(after.config.n_layers)}
     assert all(r["sm_lr"] > 0 for r in recs)  # the SM head is in the optimizer; everything else stays frozen
+
+
+def test_in_process_loop_and_ray_stage_give_the_same_loss_curve(ray_session, datasets, tmp_path):
+    """The experiment's in-process backend (pipelines.train.run_local) is the stage's loop, not a copy: the same
+    config and seed give the same 20 losses and ω as Ray Train (1 worker, ZeRO-0)."""
+    from pipelines.train import run, run_local
+
+    over = dict(steps=20, global_batch=4, eval_every=20, objective={"kind": "sm"}, scaling={"num_workers": 1},
+                deepspeed={"zero_stage": 0}, checkpoint={"every": 10})
+    staged = run(make_cfg(datasets["pretrain"], str(tmp_path / "stage"), "same-stage", **over))
+    local = run_local(make_cfg(datasets["pretrain"], str(tmp_path / "local"), "same-local", **over))
+    a, b = (records(r.output_uri) for r in (staged, local))
+    la, lb = train_losses(a), train_losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, 21))
+    assert max(abs(la[s] - lb[s]) for s in la) < 1e-5
+    wa = [r["omega_s"] for r in a if r["kind"] == "train"]
+    assert wa == pytest.approx([r["omega_s"] for r in b if r["kind"] == "train"], rel=1e-5)
+    assert local.checkpoint_uri.endswith("checkpoint_00000020")

@@ -10,8 +10,11 @@ Execution: each program (prompt + completion + the problem's tests + ``check(ent
 ``RLIMIT_AS`` (memory), ``RLIMIT_CPU``, ``RLIMIT_FSIZE`` and no network: inside a new network namespace
 (``unshare -rn``) where the kernel allows it, and always with the socket API disabled in the interpreter.
 NOTE: this limits accidents of generated code; it is not a security sandbox against hostile code.
-Generation: prompt = the problem's prompt (no chat template), a fixed number of new tokens, the NFE budget is
-``SamplerConfig.steps``; text after EOS or after a top-level stop sequence is cut (the Codex-paper convention).
+Generation: prompt = the problem's prompt, a fixed number of new tokens, the NFE budget is ``SamplerConfig.steps``;
+text after EOS or after a top-level stop sequence is cut (the Codex-paper convention). With a chat template (an
+instruction-tuned model, as Dream's evaluation runs it) the prompt becomes one user turn asking for the function and
+the reply's code is taken: its first fenced block (or the whole reply); a reply that defines the entry point replaces
+the prompt's stub, anything else continues the prompt.
 """
 from __future__ import annotations
 
@@ -182,6 +185,55 @@ def evaluate(problems: list[dict], completions: dict[str, str | list[str]],
 
 
 # ----------------------------------------------------------------------------------------------------- generation
+CODE_INSTRUCTION = "Complete the following Python function. Reply with the whole function in one code block.\n\n"
+
+
+def load_chat_template(folder: str | os.PathLike) -> str:
+    """The Jinja chat template of a tokenizer / model folder (``chat_template.jinja`` or the ``chat_template`` of
+    ``tokenizer_config.json``); ValueError naming the folder when it has none."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    cfg = folder / "tokenizer_config.json"
+    tpl = json.loads(cfg.read_text()).get("chat_template") if cfg.is_file() else None
+    if isinstance(tpl, list):  # named templates: the default one
+        tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
+    if not tpl:
+        raise ValueError(f"{folder}: no chat template (chat_template.jinja or tokenizer_config.json chat_template)")
+    return tpl
+
+
+def chat_prompt(template: str, text: str, **specials) -> str:
+    """``text`` as one user turn rendered with a Jinja chat template, ready for the assistant's reply (what Hugging
+    Face's ``apply_chat_template(..., add_generation_prompt=True)`` renders); ``specials`` e.g. bos_token."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=[{"role": "user", "content": text}],
+                                            add_generation_prompt=True, **specials)
+
+
+def code_from_reply(problem: dict, reply: str) -> str:
+    """The completion an instruction-tuned reply stands for: the code of its first fenced block (or the reply); a
+    definition of the entry point replaces the prompt's stub (``pass`` ends the stub, the new definition follows)."""
+    code = reply
+    start = reply.find("```")
+    if start != -1:
+        body = reply[reply.find("\n", start) + 1:] if "\n" in reply[start:] else ""
+        end = body.find("```")
+        code = body if end == -1 else body[:end]
+    if f"def {problem['entry_point']}(" in code:
+        return "    pass\n\n" + code
+    return truncate_completion(code)
+
+
 def truncate_completion(text: str) -> str:
     """Cut a generated function body at the first top-level stop sequence."""
     cut = len(text)
@@ -202,7 +254,8 @@ class Generations:
 
 
 def generate_completions(model, tokenizer, problems: list[dict], sampler_cfg, gen_tokens: int, *,
-                         samples_per_task: int = 1, seed: int = 0, batch_size: int = 1) -> Generations:
+                         samples_per_task: int = 1, seed: int = 0, batch_size: int = 1,
+                         chat_template: str | None = None) -> Generations:
     """Complete each problem's prompt with ``gen_tokens`` new tokens (``models.sampling.sample``; any model with the
     DiffusionLM interface, e.g. our own or an HF-backed one). ``tokenizer``: a models.tokenizer.TextTokenizer.
 
@@ -210,6 +263,8 @@ def generate_completions(model, tokenizer, problems: list[dict], sampler_cfg, ge
     row holds its own prompt left-aligned and the masked tail runs to the longest prompt + ``gen_tokens``; a row's
     completion is the ``gen_tokens`` tokens right after its prompt (every row sees ``steps`` forwards). NOTE: the
     rows with shorter prompts denoise a few extra tail positions, so a batch is not bit-identical to one-by-one runs.
+    ``chat_template``: a Jinja chat template (:func:`load_chat_template`); the prompt becomes a user turn and the
+    reply's code the completion (:func:`code_from_reply`).
     """
     from models.sampling import sample
 
@@ -217,7 +272,12 @@ def generate_completions(model, tokenizer, problems: list[dict], sampler_cfg, ge
         raise ValueError("gen_tokens must be >= 1")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    prompts = {p["task_id"]: tokenizer.encode(p["prompt"]) for p in problems}
+    def prompt_text(p: dict) -> str:
+        if chat_template is None:
+            return p["prompt"]
+        return chat_prompt(chat_template, f"{CODE_INSTRUCTION}```python\n{p['prompt']}```")
+
+    prompts = {p["task_id"]: tokenizer.encode(prompt_text(p)) for p in problems}
     for prob in problems:
         length = len(prompts[prob["task_id"]]) + gen_tokens
         if length > model.config.max_seq_len:
@@ -242,7 +302,8 @@ def generate_completions(model, tokenizer, problems: list[dict], sampler_cfg, ge
             for row in ids:
                 if tokenizer.eos_id in row:
                     row = row[:row.index(tokenizer.eos_id)]
-                texts.append(truncate_completion(tokenizer.decode(row)))
+                text = tokenizer.decode(row)
+                texts.append(code_from_reply(prob, text) if chat_template else truncate_completion(text))
             completions[prob["task_id"]], raw[prob["task_id"]] = texts, ids
     completions = {p["task_id"]: completions[p["task_id"]] for p in problems}  # task order
     raw = {p["task_id"]: raw[p["task_id"]] for p in problems}
@@ -251,12 +312,14 @@ def generate_completions(model, tokenizer, problems: list[dict], sampler_cfg, ge
 
 def run_humaneval(model, tokenizer, sampler_cfg, gen_tokens: int, *, problems: list[dict] | None = None,
                   exec_cfg: ExecConfig | None = None, samples_per_task: int = 1, seed: int = 0,
-                  batch_size: int = 1) -> HumanEvalResult:
+                  batch_size: int = 1, chat_template: str | None = None) -> HumanEvalResult:
     """Generate + execute; ``extra`` records the sampler settings, gen_tokens and the mean NFE per sample."""
     problems = problems if problems is not None else load_problems()
     gens = generate_completions(model, tokenizer, problems, sampler_cfg, gen_tokens,
-                                samples_per_task=samples_per_task, seed=seed, batch_size=batch_size)
+                                samples_per_task=samples_per_task, seed=seed, batch_size=batch_size,
+                                chat_template=chat_template)
     res = evaluate(problems, gens.completions, exec_cfg)
     res.extra = {"sampler": asdict(sampler_cfg), "gen_tokens": gen_tokens, "samples_per_task": samples_per_task,
-                 "nfe_per_sample": gens.nfe_per_problem, "seed": seed, "batch_size": batch_size}
+                 "nfe_per_sample": gens.nfe_per_problem, "seed": seed, "batch_size": batch_size,
+                 "chat_template": chat_template is not None}
     return res
