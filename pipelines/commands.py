@@ -183,11 +183,12 @@ def cli_main(cfg, extras: dict) -> int:
     from pipelines.orchestration import PrefectServer
     from pipelines.run_summary import print_summary
     from pipelines.serve import check_port
-    from pipelines.workflow import preflight, run_workflow
+    from pipelines.workflow import forced_stages, preflight, run_workflow
 
     t0 = time.monotonic()
     apply_default_env()
-    preflight(cfg)  # a bad source or init_checkpoint fails here, before a server or cluster starts
+    forced_stages(extras.get("force"))  # an unknown --force stage, a bad source or init_checkpoint fail here,
+    preflight(cfg)                      # before a server or cluster starts
     starts_cluster = "deploy" in cfg.stages and not (cfg.deploy.address or os.environ.get("RAY_ADDRESS"))
     if starts_cluster:  # the deployment's HTTP port, on the cluster this command starts
         check_port(cfg.serve.host, cfg.serve.port, "serve.port")

@@ -144,6 +144,15 @@ def test_preflight_errors(dataset, tmp_path):
                                                        "model_config": plan.model_config}))
     with pytest.raises(ConfigError, match="scaling.num_workers: is 2 but the checkpoint of run 'unit'"):
         preflight(train_cfg(dataset, checkpoint={"storage_path": str(tmp_path / "runs")}))
+    # ... or without an EMA: the EMA cannot be switched on (or off) on resume, only its decay may change
+    old = train_cfg(dataset, ema_decay=0.0)
+    (ckpt / "train_state.json").write_text(json.dumps({"step": 2, "train_config": old.to_dict(),
+                                                       "model_config": plan.model_config}))
+    runs = {"storage_path": str(tmp_path / "runs")}
+    with pytest.raises(ConfigError, match=r"ema_decay: is 0.999 but the checkpoint of run 'unit' \(step 2\) was "
+                                          r"written with 0.0: an EMA cannot be switched on or off on resume"):
+        preflight(train_cfg(dataset, ema_decay=0.999, checkpoint=runs))
+    assert preflight(train_cfg(dataset, ema_decay=0.0, checkpoint=runs)).resume_step == 2
 
 
 # ------------------------------------------------------------------------------------------ DeepSpeed glue

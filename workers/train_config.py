@@ -358,6 +358,9 @@ def preflight(cfg: TrainConfig) -> RunPlan:
                                   ("objective.kind", cfg.objective.kind, old.objective.kind)):
             require(now == before, name, f"is {now!r} but the checkpoint of run {cfg.run_name!r} (step {resume_step}) "
                                          f"was written with {before!r}; use a new run_name")
+        require((cfg.ema_decay > 0) == (old.ema_decay > 0), "ema_decay",
+                f"is {cfg.ema_decay!r} but the checkpoint of run {cfg.run_name!r} (step {resume_step}) was written "
+                f"with {old.ema_decay!r}: an EMA cannot be switched on or off on resume; use a new run_name")
     return RunPlan(model_config=mcfg.to_dict(), seq_len=seq_len, data_mode=data_mode, train_uris=train_uris,
                    val_uris=val_uris, init_objective=init_objective, resume_step=resume_step,
                    backbone=cfg.model.backbone)

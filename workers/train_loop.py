@@ -162,7 +162,7 @@ def train_loop(config: dict, session=None) -> None:
     cfg = TrainConfig.from_dict(config["train"])
     plan = RunPlan(**config["plan"])
     torch = _setup_process(cfg)
-    from models.ema import EMA
+    from models.ema import EMA, checksum
     from models.compile import compile_model
     from models.objective import token_nll, training_loss, uses_two_pass
     from models.optim import param_groups
@@ -228,7 +228,8 @@ def train_loop(config: dict, session=None) -> None:
     else:
         pids = [os.getpid()]
     sink.log(step, {"setup_s": time.perf_counter() - t_start, "engine_s": t_engine, "world": world, "pids": pids,
-                    "compiled": cfg.model.compile}, kind="setup")
+                    "compiled": cfg.model.compile,
+                    "ema_checksum": checksum(ema.state_dict()) if ema is not None else None}, kind="setup")
     probe = _SftProbe(engine.module, engine.module.mask_id) if with_mask else None
     accum, tokens_per_step = cfg.grad_accum, cfg.global_batch * plan.seq_len
     eval_due = (lambda s: s == cfg.steps or (cfg.eval_every and s % cfg.eval_every == 0))
