@@ -131,9 +131,9 @@ def test_health_models_openapi(server):
     # the schema states what the server enforces, the configured bounds included
     assert member("max_tokens", "integer")["maximum"] == 200 and member("n", "integer")["maximum"] == 4
     assert member("steps", "integer")["maximum"] == 1024
-    assert (member("prompt", "array")["minItems"], member("prompt", "array")["maxItems"]) == (1, 16)
+    assert (member("prompt", "array")["minItems"], member("prompt", "array")["maxItems"]) == (1, 3)  # max_prompts
     assert "minLength" not in member("prompt", "string")  # "" is unconditional generation
-    assert member("stop", "string")["minLength"] == 1 and member("stop", "array")["maxItems"] == 4
+    assert member("stop", "string")["minLength"] == 1 and member("stop", "array")["maxItems"] == 2  # max_stop
     assert member("model", "string")["enum"] == ["debug"]
 
 
