@@ -95,6 +95,18 @@ def _existing_serve_port() -> int | None:
     return None if client is None else int(client.http_config.port)
 
 
+def _serve_controller_running() -> bool:
+    """Whether the connected cluster runs a Serve controller (also when this driver holds no client for it)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
 def _wait_healthy(url: str, timeout_s: float) -> None:
     deadline, last = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
@@ -137,8 +149,10 @@ def preflight(cfg: ServeStageConfig) -> None:
     """Everything that can be checked before Ray or Serve starts: the checkpoint is there and readable, its tokenizer
     fits the model, and the HTTP port is free when this command starts the Ray that will bind it. ConfigError names
     the field."""
+    import ray
+
     check_model(as_serve_config(cfg))
-    if _cluster(cfg) is None:
+    if _cluster(cfg) is None and not ray.is_initialized():  # a Ray of this process may already serve on that port
         check_port(cfg.host, cfg.port)
 
 
@@ -161,7 +175,10 @@ def run(cfg: ServeStageConfig) -> ServeResult:
     serve_started = False
     try:
         port = _existing_serve_port()
-        serve_started = port is None
+        serve_started = port is None and not _serve_controller_running()
+        if port is None and not serve_started:  # Serve runs, its port unknown to this driver: the configured one
+            port = cfg.port or None
+            require(port is not None, "port", "Serve already runs on this cluster: give the port it listens on")
         if serve_started:
             if _on_this_host(_cluster(cfg)):  # a joined cluster on this host: is the port still free?
                 check_port(cfg.host, cfg.port)
