@@ -20,7 +20,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 # shared ~/.cache/torch_extensions, and a process killed mid-build leaves a lock that every later load waits on forever.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: install test test-fast run bench code-model clean-venv
+.PHONY: install test test-all test-fast run bench code-model clean-venv
 
 install: $(STAMP)
 
@@ -40,11 +40,16 @@ $(STAMP):
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
+# `long` tests (the full HumanEval sandbox run, the GPU scripts' toy runs) take minutes of CPU for what a shorter case
+# in `make test` already checks; `make test-all` runs them too.
 test: install
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 -m "not long" tests
+
+test-all: install
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 tests
 
 test-fast: install
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not long" tests
 
 run: install
 	$(PY) -m pipelines.cli run --config configs/demo_cpu.yaml $(ARGS)

@@ -284,8 +284,10 @@ def bench_memory(steps: int) -> dict:
 # ------------------------------------------------------------------------------------------------- one device
 def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, device_name: str | None,
               objective: str = "sm", compile_blocks: bool = False, profile_out: str | None = None,
-              check_grad_overflow: bool = True, compile_loss: bool = False, fused_adam: str = "auto") -> dict:
-    """Single process DeepSpeed ZeRO-2 (bf16 on GPU, fp32 on CPU): tokens/s and MFU."""
+              check_grad_overflow: bool = True, compile_loss: bool = False, fused_adam: str = "auto",
+              backbone: str = "core") -> dict:
+    """Single process DeepSpeed ZeRO-2 (bf16 on GPU, fp32 on CPU): tokens/s and MFU. ``backbone``: core (our
+    transformer, models.FLAVORS) or dit (MDLM's DiT, models.dit.DIT_FLAVORS; small = MDLM OWT's 169.6M)."""
     import torch
     import torch.distributed as dist
 
@@ -294,19 +296,21 @@ def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, de
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
     dist.init_process_group("nccl" if on_gpu else "gloo", rank=0, world_size=1)
     torch.manual_seed(0)
-    from models import ModelConfig, build_model
+    from models import ModelConfig
     from models.compile import compile_blocks as compile_model_blocks
     from models.compile import compile_softmask_head, compiled_token_nll
     from models.objective import ObjectiveConfig, token_nll, training_loss, uses_two_pass
+    from models.dit import DiTConfig
     from models.optim import param_groups
+    from models.registry import build_from_config
 
     from infra.deepspeed import DeepSpeedConfig, build_ds_config, build_engine
 
     over = {"max_seq_len": max(seq_len, 64)}
     if flavor != "small":
         over.update(vocab_size=50258, mask_token_id=50257)
-    mcfg = ModelConfig.from_flavor(flavor, **over)
-    model = build_model(mcfg)
+    mcfg = {"core": ModelConfig, "dit": DiTConfig}[backbone].from_flavor(flavor, **over)
+    model = build_from_config(mcfg)
     n_params = sum(p.numel() for p in model.parameters())
     if compile_blocks:
         compile_model_blocks(model)
@@ -355,8 +359,8 @@ def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, de
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     frac_two = two_passes / max(1, len(times))
     client_adam = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the client AdamW
-    res = {"device": name, "flavor": flavor, "n_params": n_params, "seq_len": seq_len, "micro_batch": micro,
-           "precision": "bf16" if on_gpu else "fp32", "zero_stage": 2, "steps_timed": len(times),
+    res = {"device": name, "backbone": backbone, "flavor": flavor, "n_params": n_params, "seq_len": seq_len,
+           "micro_batch": micro, "precision": "bf16" if on_gpu else "fp32", "zero_stage": 2, "steps_timed": len(times),
            "objective": objective, "compiled_blocks": compile_blocks, "check_grad_overflow": check_grad_overflow,
            "compiled_loss": compile_loss, "fused_adam": bool(client_adam.defaults.get("fused")),
            "tokens_per_s": tok_s, "two_pass_fraction": frac_two, "final_loss": loss.item()}
@@ -374,7 +378,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="throughput,ddp,memory")
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--flavor", default="small", help="gpu section: model flavor")
+    ap.add_argument("--flavor", default="small", help="gpu section: model flavor (of the backbone's flavors)")
+    ap.add_argument("--backbone", default="core", choices=("core", "dit"),
+                    help="gpu section: core = our transformer, dit = MDLM's DiT (models.dit)")
     ap.add_argument("--seq-len", type=int, default=1024, help="gpu section: sequence length")
     ap.add_argument("--micro", type=int, default=16, help="gpu section: micro batch")
     ap.add_argument("--warmup", type=int, default=3, help="gpu section: untimed steps")
@@ -401,7 +407,7 @@ def main(argv=None) -> int:
     if "gpu" in only:
         out["gpu"] = bench_gpu(args.flavor, args.seq_len, args.micro, args.steps, args.warmup, args.device_name,
                                args.objective, args.compile, args.profile, not args.no_overflow_check,
-                               args.compile_loss, args.fused_adam)
+                               args.compile_loss, args.fused_adam, args.backbone)
     if "ddp" in only:
         out["ddp_vs_zero2"] = bench_ddp(args.steps)
     if "memory" in only:

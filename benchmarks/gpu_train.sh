@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_train.sh                      # GPU defaults
 #   bash benchmarks/gpu_train.sh --compile            # torch.compile each transformer block
 #   bash benchmarks/gpu_train.sh --objective binary   # the MDLM baseline step, for the SM overhead
+#   BACKBONE=dit bash benchmarks/gpu_train.sh         # MDLM's DiT (models.dit, small = MDLM OWT's 169.6M) instead
 #   TOY=1 bash benchmarks/gpu_train.sh                # CPU smoke test at toy size (debug flavor, seq 64)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,9 +18,11 @@ BUNDLE=${BUNDLE:-/tmp/bundle}  # DeepSpeed wheels from `benchmarks/offline_bundl
 export PYTHONWARNINGS=ignore::FutureWarning,ignore::DeprecationWarning
 if [[ "${TOY:-0}" == "1" ]]; then
   export DS_ACCELERATOR=cpu
-  exec timeout 600 "$PY" benchmarks/bench_train.py --only gpu --flavor debug --seq-len 64 --micro 2 --steps 3 \
-    --warmup 1 --device-name "${DEVICE_NAME:-H100 (toy run on CPU: MFU meaningless)}" "$@"
+  export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}  # DeepSpeed's CPU op, built by make install
+  exec timeout 600 "$PY" benchmarks/bench_train.py --only gpu --backbone "${BACKBONE:-core}" --flavor debug \
+    --seq-len 64 --micro 2 --steps 3 --warmup 1 --device-name "${DEVICE_NAME:-H100 (toy run on CPU: MFU meaningless)}" "$@"
 fi
 export DS_ACCELERATOR=cuda
-exec timeout 300 "$PY" benchmarks/bench_train.py --only gpu --flavor "${FLAVOR:-small}" --seq-len "${SEQ_LEN:-1024}" \
+exec timeout 300 "$PY" benchmarks/bench_train.py --only gpu --backbone "${BACKBONE:-core}" --flavor "${FLAVOR:-small}" \
+  --seq-len "${SEQ_LEN:-1024}" \
   --micro "${MICRO:-16}" --steps "${STEPS:-30}" --warmup "${WARMUP:-3}" "$@"

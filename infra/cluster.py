@@ -23,13 +23,8 @@ from pathlib import Path
 
 import psutil
 
+from infra.net import free_port
 from infra.ray_runtime import LOOPBACK_NODE_IP
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _group_processes(pgid: int) -> list[psutil.Process]:
@@ -133,8 +128,8 @@ class LocalRayCluster:
     def _node_ports(ip: str) -> list[str]:
         """Loopback only, and free ports instead of Ray's fixed defaults so clusters on one host never collide."""
         return [f"--node-ip-address={ip}", "--disable-usage-stats",
-                f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
 
     def _launch(self, args: list[str], role: str) -> None:
         log = Path(self.temp_dir or tempfile.gettempdir()) / f"softmask-ray-{role}-{os.getpid()}-{len(self.nodes)}.log"
@@ -144,13 +139,13 @@ class LocalRayCluster:
         self.nodes.append({"pgid": proc.pid, "role": role, "log": str(log), "proc": proc})
 
     def start(self, timeout: float = 90.0) -> str:
-        self.port = self.port or _free_port()
+        self.port = self.port or free_port()
         if self.auth == "token":
             ensure_auth_token(self._env())  # before `ray start`, which refuses to start without one
         # the dashboard (loopback only) also serves the state API that Ray Train's monitors query, and Ray Jobs
-        dashboard_port = _free_port()
+        dashboard_port = free_port()
         args = ["--head", f"--port={self.port}", f"--num-cpus={self.num_cpus}", "--include-dashboard=true",
-                f"--dashboard-host={self.host}", f"--ray-client-server-port={_free_port()}",
+                f"--dashboard-host={self.host}", f"--ray-client-server-port={free_port()}",
                 f"--dashboard-port={dashboard_port}",
                 *self._node_ports(self.host)]
         if self.temp_dir:

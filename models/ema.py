@@ -33,3 +33,9 @@ class EMA:
         """The model's state dict with EMA weights in place of the backbone's (SM head kept as trained)."""
         sd = model.state_dict()
         return {k: (self.shadow[k].to(v.dtype) if k in self.shadow else v) for k, v in sd.items()}
+
+
+def checksum(state: dict[str, torch.Tensor]) -> float:
+    """Σ|w| of a state dict in float64, in name order: a cheap fingerprint for logs (the setup record of a resumed run
+    shows which EMA it restored)."""
+    return float(sum(state[n].double().abs().sum() for n in sorted(state)))

@@ -116,8 +116,12 @@ class SoftMaskHead(nn.Module):
         super().__init__()
         if k is not None and k < 1:
             raise ValueError(f"SoftMaskHead k must be >= 1 or None, got {k}")
-        if omega_b >= 0 or omega_a <= 0 or not 0 < omega_s < 1:
-            raise ValueError("SoftMaskHead needs 0 < omega_s < 1, omega_a > 0, omega_b < 0")
+        bad = [msg for ok, msg in ((0 < omega_s < 1, f"0 < omega_s < 1, got {omega_s}"),
+                                   (omega_a > 0, f"omega_a > 0, got {omega_a}"),
+                                   (omega_b < 0, f"omega_b < 0, got {omega_b}"),
+                                   (temperature > 0, f"temperature > 0, got {temperature}")) if not ok]
+        if bad:
+            raise ValueError("SoftMaskHead needs " + "; ".join(bad))
         self.k = k
         self.raw_scale = nn.Parameter(torch.tensor(_logit(omega_s)))                 # ω_s = σ(raw)
         self.raw_centre = nn.Parameter(torch.tensor(_inv_softplus(-omega_b - _EPS)))  # ω_b = −softplus(raw) − ε

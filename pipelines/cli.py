@@ -46,6 +46,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "pipelines.commands:cli_preprocess", section="preprocess"),
     Command("hf-import", "a local HF dir / GGUF / packaged model -> softmask checkpoint + tokenizer",
             "pipelines.hf_import:HFImportConfig", "pipelines.hf_import:cli_hf_import", section="hf_import"),
+    Command("mdlm-import", "an MDLM / soft-masking DiT checkpoint (hub dir or Lightning .ckpt) -> softmask checkpoint",
+            "pipelines.mdlm_import:MDLMImportConfig", "pipelines.mdlm_import:cli_mdlm_import", section="mdlm_import"),
     Command("train", "Ray Train + DeepSpeed training", "workers.train_config:TrainConfig",
             "pipelines.commands:cli_train", section="train"),
     Command("eval", "evaluate a checkpoint (ELBO PPL, gen PPL, MAUVE, entropy)", "pipelines.evaluate:EvalConfig",

@@ -183,11 +183,12 @@ def cli_main(cfg, extras: dict) -> int:
     from pipelines.orchestration import PrefectServer
     from pipelines.run_summary import print_summary
     from pipelines.serve import check_port
-    from pipelines.workflow import preflight, run_workflow
+    from pipelines.workflow import forced_stages, preflight, run_workflow
 
     t0 = time.monotonic()
     apply_default_env()
-    preflight(cfg)  # a bad source or init_checkpoint fails here, before a server or cluster starts
+    forced_stages(extras.get("force"))  # an unknown --force stage, a bad source or init_checkpoint fail here,
+    preflight(cfg)                      # before a server or cluster starts
     starts_cluster = "deploy" in cfg.stages and not (cfg.deploy.address or os.environ.get("RAY_ADDRESS"))
     if starts_cluster:  # the deployment's HTTP port, on the cluster this command starts
         check_port(cfg.serve.host, cfg.serve.port, "serve.port")
@@ -363,7 +364,7 @@ def cli_schedule(cfg, extras: dict) -> int:
     """`softmask schedule`: register the workflow as a Prefect deployment with a cron schedule and serve it (blocks
     until Ctrl-C/SIGTERM; the schedule is then paused). Starts, unless given, a Prefect server with the UI (and a
     local Ray cluster when the workflow deploys, so the endpoint outlives each run); stops them on exit."""
-    from pipelines.orchestration import PrefectServer, cron_schedule, prefect_api, register_schedule
+    from pipelines.orchestration import PrefectServer, cron_schedule, prefect_api, prefect_env, register_schedule
 
     cron, tz = extras["cron"], extras.get("timezone") or "UTC"
     problem = schedule_preflight(cfg)
@@ -406,7 +407,10 @@ def cli_schedule(cfg, extras: dict) -> int:
             with prefect_api(api):
                 from prefect import serve
 
-                _, deployment = register_schedule(cfg, cron, name, tz)
+                prefect_env()
+                from pipelines.scheduled import softmask_scheduled  # imports prefect: after prefect_env()
+
+                _, deployment = register_schedule(softmask_scheduled, cfg, cron, name, tz)
                 deployment_id = deployment.apply()  # registered (and visible in the API/UI) before we say so
                 ui = api.removesuffix("/api")
                 print(f"schedule {cron!r} ({tz}) registered as 'softmask-scheduled/{name}' (id {deployment_id}) on "

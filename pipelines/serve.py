@@ -24,7 +24,9 @@ import urllib.request
 from dataclasses import dataclass
 
 from infra.config import ConfigError, field, require
-from workers.serving import ServeConfig, as_serve_config, build_app, check_model
+from infra.net import free_port
+from workers.serving import build_app
+from workers.serving_config import ServeConfig, as_serve_config, check_model
 
 
 @dataclass
@@ -82,13 +84,6 @@ class ServeResult:
         return f"curl -s {self.completions_url} -H 'Content-Type: application/json' -d '{body}'"
 
 
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _existing_serve_port() -> int | None:
     """HTTP port of a Serve instance already running on the connected cluster, else None."""
     from ray.serve import context
@@ -98,6 +93,18 @@ def _existing_serve_port() -> int | None:
     except Exception:  # noqa: BLE001 - private API: treat any failure as "no Serve yet"
         return None
     return None if client is None else int(client.http_config.port)
+
+
+def _serve_controller_running() -> bool:
+    """Whether the connected cluster runs a Serve controller (also when this driver holds no client for it)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
 
 
 def _wait_healthy(url: str, timeout_s: float) -> None:
@@ -142,8 +149,10 @@ def preflight(cfg: ServeStageConfig) -> None:
     """Everything that can be checked before Ray or Serve starts: the checkpoint is there and readable, its tokenizer
     fits the model, and the HTTP port is free when this command starts the Ray that will bind it. ConfigError names
     the field."""
+    import ray
+
     check_model(as_serve_config(cfg))
-    if _cluster(cfg) is None:
+    if _cluster(cfg) is None and not ray.is_initialized():  # a Ray of this process may already serve on that port
         check_port(cfg.host, cfg.port)
 
 
@@ -166,11 +175,14 @@ def run(cfg: ServeStageConfig) -> ServeResult:
     serve_started = False
     try:
         port = _existing_serve_port()
-        serve_started = port is None
+        serve_started = port is None and not _serve_controller_running()
+        if port is None and not serve_started:  # Serve runs, its port unknown to this driver: the configured one
+            port = cfg.port or None
+            require(port is not None, "port", "Serve already runs on this cluster: give the port it listens on")
         if serve_started:
             if _on_this_host(_cluster(cfg)):  # a joined cluster on this host: is the port still free?
                 check_port(cfg.host, cfg.port)
-            port = cfg.port or _free_port(cfg.host)
+            port = cfg.port or free_port(cfg.host)
             serve.start(http_options={"host": cfg.host, "port": port,
                                       "request_timeout_s": cfg.http_timeout_s or cfg.request_timeout_s + 10.0})
         host = "127.0.0.1" if cfg.host == "localhost" else cfg.host

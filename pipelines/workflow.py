@@ -238,13 +238,6 @@ def run_deploy(cfg: WorkflowConfig, model: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
-def _prefect_task(stage: str, fn: Callable[..., dict], key_fn: Callable[..., str], refresh: bool):
-    from prefect import task
-
-    return task(fn, name=stage, cache_key_fn=lambda ctx, params: f"softmask-{stage}-{key_fn()}",
-                persist_result=True, result_serializer="json", refresh_cache=refresh, retries=0)
-
-
 def preflight(cfg: WorkflowConfig, sources: bool = True) -> None:
     """The input checks that need no upstream output, before anything starts: an input that would fail a later stage
     (a missing init_checkpoint) must not wait for preprocessing to finish first. Raises ConfigError naming the field.
@@ -275,24 +268,30 @@ def preflight(cfg: WorkflowConfig, sources: bool = True) -> None:
                               f"prints") from None
 
 
-def run_workflow(cfg: WorkflowConfig, force: list[str] | None = None, *,
-                 check_inputs: bool = True) -> WorkflowResult:
-    """Run the configured stages in order (each skipped when complete); returns the records and the lineage.
-    ``check_inputs=False``: the caller has already run :func:`preflight` on this config."""
+def forced_stages(force: list[str] | None) -> set[str]:
+    """The stages ``force`` reruns: the first one named and every stage after it. ConfigError naming an unknown one
+    (the CLI calls this before it starts a server or a cluster)."""
     force = list(force or [])
-    if "://" not in cfg.run_root:  # Ray workers run in other directories: local paths must be absolute
-        cfg = replace(cfg, run_root=os.path.abspath(cfg.run_root))
-    if check_inputs:
-        preflight(cfg)
     bad = [f for f in force if f not in STAGES]
     if bad:
         raise ConfigError(f"force: unknown stage(s) {bad}; stages are {list(STAGES)}")
     first_forced = min((STAGES.index(f) for f in force), default=len(STAGES))
-    forced = {s for i, s in enumerate(STAGES) if i >= first_forced}
+    return {s for i, s in enumerate(STAGES) if i >= first_forced}
+
+
+def run_workflow(cfg: WorkflowConfig, force: list[str] | None = None, *,
+                 check_inputs: bool = True) -> WorkflowResult:
+    """Run the configured stages in order (each skipped when complete); returns the records and the lineage.
+    ``check_inputs=False``: the caller has already run :func:`preflight` on this config."""
+    forced = forced_stages(force)
+    if "://" not in cfg.run_root:  # Ray workers run in other directories: local paths must be absolute
+        cfg = replace(cfg, run_root=os.path.abspath(cfg.run_root))
+    if check_inputs:
+        preflight(cfg)
     if cfg.use_prefect:
         from pipelines.orchestration import run_with_prefect
 
-        return run_with_prefect(cfg, forced)
+        return run_with_prefect(cfg.name, lambda task: execute(cfg, forced, task))
     return execute(cfg, forced, lambda stage, fn, key_fn, refresh: fn)
 
 

@@ -16,6 +16,7 @@ RECIPES = {
     "finetune_sft.yaml": "train", "finetune_dream7b_sm.yaml": "train", "pretrain_owt_small.yaml": "run",
     "adapt_smollm2_cpu.yaml": "train", "finetune_qwen_coder_sm.yaml": "train",
     "preprocess_code_qwen.yaml": "preprocess",
+    "continue_mdlm_owt_sm.yaml": "run", "continue_mdlm_owt_binary.yaml": "run",
     "serve_debug.yaml": "serve",
     "experiment_micro.yaml": "experiment", "sm_vs_binary.yaml": "experiment",
 }
@@ -91,8 +92,10 @@ def test_main_exit_codes_and_help(capsys):
      "error: checkpoint: not a softmask checkpoint (no config.json): /nonexistent/export"),
     (["serve", "--checkpoint", "/nonexistent/export"],
      "error: checkpoint: /nonexistent/export is not a checkpoint directory (no config.json)"),
+    (["run", "--config", "configs/debug_cpu.yaml", "--force", "train", "--force", "trian"],
+     "error: force: unknown stage(s) ['trian']; stages are ['preprocess', 'train', 'evaluate', 'deploy']"),
 ], ids=["run-source", "run-tokenizer-source", "run-init-checkpoint", "preprocess-source", "train-manifest", "eval-checkpoint",
-        "serve-checkpoint"])
+        "serve-checkpoint", "run-force-unknown-stage"])
 def test_stage_input_errors_are_one_line_before_anything_starts(monkeypatch, capsys, argv, message):
     """A bad input that only a stage can see (a file, a checkpoint) ends the real entry point with exit 2 and one
     line naming the field, without a traceback and before a Ray cluster, Ray or a Prefect server starts."""

@@ -1,6 +1,6 @@
 """The prepared one-GPU scripts run end to end on CPU at toy size ("leave the script ready and tested on CPU at toy
 size"): the code benchmark (adaptation, SM and binary DoRA fine-tunes, HumanEval at 1/4 and 1/2 NFE, JSON + loss
-plots) and the training sweep."""
+plots) and the training sweep. Left out of `make test` (marked long); `make test-all` runs them."""
 import json
 import math
 import os
@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # minutes of CPU each: `make test-all`
 
 
 def test_gpu_finetune_code_script_toy_run(tmp_path):

@@ -19,14 +19,19 @@ def problems():
     return load_problems()
 
 
-def test_canonical_solutions_pass_and_stubs_fail(problems):
+@pytest.mark.parametrize("every", [pytest.param(8, id="every-8th"), pytest.param(1, id="all-164", marks=pytest.mark.long)])
+def test_canonical_solutions_pass_and_stubs_fail(problems, every):
+    """The canonical solutions pass and `pass` stubs fail in the sandbox: every 8th problem (21, spread over the set)
+    in `make test`, all 164 in `make test-all` (about 330 sandboxed programs)."""
     assert len(problems) == 164 and problems[0]["task_id"] == "HumanEval/0"
+    picked = problems[::every]
+    n = len(picked)
     cfg = ExecConfig(timeout_s=20.0, memory_mb=1024, workers=2)
-    good = evaluate(problems, {p["task_id"]: p["canonical_solution"] for p in problems}, cfg)
-    assert (good.passed, good.total, good.tasks, good.pass_at_1) == (164, 164, 164, 1.0), \
+    good = evaluate(picked, {p["task_id"]: p["canonical_solution"] for p in picked}, cfg)
+    assert (good.passed, good.total, good.tasks, good.pass_at_1) == (n, n, n, 1.0), \
         [r for r in good.results if not r.passed][:3]
-    stub = evaluate(problems, {p["task_id"]: "    pass\n" for p in problems}, cfg)
-    assert (stub.passed, stub.total, stub.pass_at_1) == (0, 164, 0.0)
+    stub = evaluate(picked, {p["task_id"]: "    pass\n" for p in picked}, cfg)
+    assert (stub.passed, stub.total, stub.pass_at_1) == (0, n, 0.0)
     assert all(r.status.startswith("failed") for r in stub.results)
 
 
@@ -63,7 +68,18 @@ def test_a_killed_program_takes_its_children_with_it(tmp_path):
     assert not marker.exists()
 
 
-def test_programs_have_no_network():
+@pytest.mark.parametrize("mode", ["netns", "socket-guard"])
+def test_programs_have_no_network(mode, monkeypatch):
+    """Both isolation modes: the socket API is disabled in either. A program that bypasses it (`_socket`) meets an
+    empty network namespace under netns; under the socket guard alone (no user namespaces) it gets through - the
+    documented limit of that mode (not a sandbox), asserted so that a change of it is noticed."""
+    from models.evaluation import humaneval
+
+    if mode == "socket-guard":
+        monkeypatch.setattr(humaneval, "_netns_prefix", lambda: ())  # what run_program does without `unshare -rn`
+    elif isolation() != "netns":
+        pytest.skip("unshare -rn (user + network namespaces) is not permitted on this machine")
+    assert isolation() == mode
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(8)
@@ -76,9 +92,11 @@ def test_programs_have_no_network():
             assert subprocess.run([sys.executable, "-c", prog], timeout=30).returncode == 0
         ok, status, _ = run_program(connect, timeout_s=10.0)
         assert not ok and "network access is disabled" in status
-        if isolation() == "netns":  # the bypass of the socket guard meets an empty network namespace
-            ok, status, _ = run_program(raw, timeout_s=10.0)
+        ok, status, _ = run_program(raw, timeout_s=10.0)
+        if mode == "netns":
             assert not ok and status.startswith("failed"), status
+        else:
+            assert ok and status == "passed", status
     finally:
         server.close()
 

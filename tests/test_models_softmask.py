@@ -148,3 +148,92 @@ def test_sparse_embed_half_precision_matches_fp32():
     out.float().sum().backward()
     expected = torch.zeros(50).index_add_(0, ids.reshape(-1), w.reshape(-1))  # d(sum)/dE[v] = Σ weights of v
     torch.testing.assert_close(wb.grad.float().sum(-1) / 16, expected, rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------------------------------ full-vocabulary variant (k=None)
+def reference_full_vocab(head, x_t, logits, mask_id):
+    """The paper's k = |V| ablation written out densely, in float64: p = softmax(z / τ) gives both H(p) and the mixture,
+    λ = ω_s·σ(ω_a·(−H(p) − ω_b)), weights [1 − λ, λ·p_1 … λ·p_V] on masked rows, [1, 0 … 0] elsewhere. Differentiable
+    in the head's parameters (τ included)."""
+    p = torch.softmax(logits.double() / head.temperature.double(), -1)  # (B, L, V)
+    H = -(p * p.log()).sum(-1)
+    lam = head.omega_s.double() * torch.sigmoid(head.omega_a.double() * (-H - head.omega_b.double()))
+    masked = (x_t == mask_id).unsqueeze(-1)
+    w = torch.cat([(1 - lam).unsqueeze(-1), lam.unsqueeze(-1) * p], -1)
+    plain = torch.cat([torch.ones_like(lam).unsqueeze(-1), torch.zeros_like(p)], -1)
+    return torch.where(masked, w, plain), lam
+
+
+def _full_vocab_case(temperature=0.6, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    head = SoftMaskHead(k=None, omega_s=0.7, omega_b=-1.3, omega_a=2.0, temperature=temperature)
+    B, L, V, mask_id = 2, 9, 30, 29
+    logits = torch.randn(B, L, V, generator=g) * 2
+    x_t = torch.randint(0, V - 1, (B, L), generator=g)
+    x_t[torch.rand(B, L, generator=g) < 0.6] = mask_id
+    return head, x_t, logits, mask_id
+
+
+def test_full_vocab_head_matches_the_dense_reference_with_temperature():
+    head, x_t, logits, mask_id = _full_vocab_case()
+    B, L, V = logits.shape
+    assert head.temperature.item() == pytest.approx(0.6, abs=1e-5)
+    ids, w = head(x_t, logits, mask_id)
+    ref_w, lam = reference_full_vocab(head, x_t, logits, mask_id)
+    masked = x_t == mask_id
+    assert ids.shape == w.shape == (B, L, V + 1)
+    assert torch.equal(ids[..., 0], x_t) and torch.equal(ids[masked][:, 1:], torch.arange(V).expand(int(masked.sum()), V))
+    torch.testing.assert_close(w.double(), ref_w, atol=1e-6, rtol=1e-5)
+    lam = lam.detach()[masked]
+    assert 0.05 < float(lam.min()) and float(lam.max()) < 0.65, "λ must be non-trivial"
+    # τ matters: the same head at τ = 1 gives other weights (so the comparison above did check the temperature)
+    untempered, _ = reference_full_vocab(SoftMaskHead(k=None, omega_s=0.7, omega_b=-1.3, omega_a=2.0), x_t, logits,
+                                         mask_id)
+    assert (w.double() - untempered)[masked].abs().max() > 1e-2
+
+
+def test_full_vocab_gradient_reaches_the_temperature():
+    """The loss's gradient reaches raw_temperature (through λ and the mixture) and equals the reference's."""
+    head, x_t, logits, mask_id = _full_vocab_case(temperature=1.3, seed=5)
+    probe = torch.randn(*logits.shape[:2], logits.shape[-1] + 1, generator=torch.Generator().manual_seed(6))
+    _, w = head(x_t, logits, mask_id)
+    (w * probe).sum().backward()
+    got = {n: p.grad.clone() for n, p in head.named_parameters()}
+    head.zero_grad(set_to_none=True)
+    ref_w, _ = reference_full_vocab(head, x_t, logits, mask_id)
+    (ref_w * probe.double()).sum().backward()
+    assert got["raw_temperature"].abs() > 1e-3
+    for n, p in head.named_parameters():
+        torch.testing.assert_close(got[n].double(), p.grad.double(), atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"k": 0}, "k must be >= 1 or None"),
+    ({"k": -2}, "k must be >= 1 or None"),
+    ({"omega_s": 0.0}, "needs 0 < omega_s < 1, got 0.0$"),
+    ({"omega_s": 1.0}, "needs 0 < omega_s < 1, got 1.0$"),
+    ({"omega_b": 0.0}, "needs omega_b < 0, got 0.0$"),
+    ({"omega_a": 0.0}, "needs omega_a > 0, got 0.0$"),
+    ({"k": None, "temperature": 0.0}, "needs temperature > 0, got"),
+    ({"k": None, "temperature": -1.0}, "needs temperature > 0, got"),
+])
+def test_head_constructor_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SoftMaskHead(**kwargs)
+
+
+@pytest.mark.parametrize("k", [None, 2])
+def test_head_with_no_masked_rows_feeds_every_token_unchanged(k):
+    """No position masked (e.g. a fully prompted row): every input is its own token with weight 1; the feedback
+    measured nothing (0 rows, λ sum 0, not NaN)."""
+    head = SoftMaskHead(k=k, omega_s=0.7)
+    x_t = torch.tensor([[3, 1, 4, 1], [5, 0, 2, 6]])
+    logits = torch.randn(2, 4, 8)
+    ids, w = head(x_t, logits, mask_id=7)
+    K = 8 if k is None else k
+    assert ids.shape == w.shape == (2, 4, K + 1)
+    assert torch.equal(ids, x_t.unsqueeze(-1).expand(2, 4, K + 1))
+    assert bool((w[..., 0] == 1).all()) and bool((w[..., 1:] == 0).all())
+    ids_m, w_m, stats = head.mix(x_t, torch.zeros(2, 4, dtype=torch.bool), logits.reshape(-1, 8)[:0])
+    assert torch.equal(ids_m, ids) and torch.equal(w_m, w)
+    assert (float(stats.lambda_sum), float(stats.gate_open), stats.rows) == (0.0, 0.0, 0)

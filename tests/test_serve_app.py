@@ -60,7 +60,12 @@ def post(url: str, body, timeout: float = 60.0) -> tuple[int, dict, dict]:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read()), dict(r.headers)
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}"), dict(e.headers)
+        raw = e.read()
+        try:
+            out = json.loads(raw or b"{}")
+        except ValueError:  # not our API's error body (e.g. the Serve proxy's own plain-text reply)
+            out = {"raw": raw.decode(errors="replace")[:500]}
+        return e.code, out, dict(e.headers)
 
 
 def get(url: str) -> tuple[int, dict]:
@@ -100,8 +105,8 @@ def server(ray_session, s3_server, checkpoint, tmp_path_factory):
         app_name=APP, port=_free_port(), min_replicas=2, max_replicas=3, upscale_delay_s=60, num_cpus=0.25,
         ingress_num_cpus=0.05, max_batch_size=8, max_ongoing_requests=8, batch_wait_timeout_s=0.2,
         max_queued_requests=24,
-        request_timeout_s=6.0, max_prompt_tokens=96, max_tokens_limit=200, max_n=4, max_body_bytes=64 * 1024,
-        default_steps=8, default_max_tokens=16, torch_threads=1)
+        request_timeout_s=6.0, max_prompt_tokens=96, max_tokens_limit=200, max_n=4, max_prompts=3, max_stop=2,
+        max_body_bytes=64 * 1024, default_steps=8, default_max_tokens=16, torch_threads=1)
     result = run(cfg)
     try:
         yield result
@@ -126,9 +131,9 @@ def test_health_models_openapi(server):
     # the schema states what the server enforces, the configured bounds included
     assert member("max_tokens", "integer")["maximum"] == 200 and member("n", "integer")["maximum"] == 4
     assert member("steps", "integer")["maximum"] == 1024
-    assert (member("prompt", "array")["minItems"], member("prompt", "array")["maxItems"]) == (1, 16)
+    assert (member("prompt", "array")["minItems"], member("prompt", "array")["maxItems"]) == (1, 3)  # max_prompts
     assert "minLength" not in member("prompt", "string")  # "" is unconditional generation
-    assert member("stop", "string")["minLength"] == 1 and member("stop", "array")["maxItems"] == 4
+    assert member("stop", "string")["minLength"] == 1 and member("stop", "array")["maxItems"] == 2  # max_stop
     assert member("model", "string")["enum"] == ["debug"]
 
 
@@ -177,6 +182,37 @@ def test_completion_is_deterministic_with_seed(server):
     assert again["choices"][0]["text"] == choice["text"]
     _, other, _ = post(server.completions_url, {**body, "seed": 8})
     assert other["choices"][0]["text"] != choice["text"]
+
+
+def test_stop_strings_cut_the_completion(server):
+    """The same seeded request with `stop`: the text ends right before the first occurrence of the earliest stop
+    string, finish_reason "stop"; a stop string that does not occur changes nothing."""
+    body = {"prompt": "Shall I compare thee", "max_tokens": 32, "steps": 12, "seed": 7}
+    status, plain, _ = post(server.completions_url, body)
+    text = plain["choices"][0]["text"]
+    assert status == 200 and len(text) >= 6, plain
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = text[:text.find(stop)]
+    status, out, _ = post(server.completions_url, {**body, "stop": ["\u0000never", stop]})
+    assert status == 200, out
+    assert (out["choices"][0]["text"], out["choices"][0]["finish_reason"]) == (cut, "stop") and len(cut) < len(text)
+    _, single, _ = post(server.completions_url, {**body, "stop": stop})  # a string, not a list
+    assert single["choices"][0]["text"] == cut
+    _, absent, _ = post(server.completions_url, {**body, "stop": "\u0000never"})
+    assert absent["choices"][0] == plain["choices"][0]
+
+
+def test_request_limits_name_the_field_and_the_limit_itself_is_served(server):
+    """max_prompts=3 and max_stop=2 in this app: one more is a 422 naming the field; exactly the limit is served."""
+    base = {"max_tokens": 8, "steps": 4, "seed": 1}
+    status, out, _ = post(server.completions_url, {**base, "prompt": ["To be", "or not", "to be", "that is"]})
+    assert (status, out["error"]["param"]) == (422, "prompt"), out
+    assert out["error"]["message"] == "prompt: number of prompts 4 exceeds the server limit 3"
+    status, out, _ = post(server.completions_url, {**base, "prompt": "To be", "stop": ["a", "b", "c"]})
+    assert (status, out["error"]["param"]) == (422, "stop"), out
+    assert out["error"]["message"] == "stop: number of stop strings 3 exceeds the server limit 2"
+    status, out, _ = post(server.completions_url, {**base, "prompt": ["To be", "or not", "to be"], "stop": ["a", "b"]})
+    assert status == 200 and len(out["choices"]) == 3, out
 
 
 def test_soft_mask_on_and_off_both_serve(server):
@@ -271,7 +307,8 @@ def test_malformed_requests_get_4xx_naming_the_field(server, body, status, param
 def test_timeout_and_overload_leave_the_replicas_serving(server):
     """Slow requests fill both replicas (2 x 8 ongoing) until their 6 s timeout; a burst on top of the 24 queue slots
     is refused with 503 at once; the timed-out decodes are aborted and the replicas serve again."""
-    slow = {"prompt": "To be", "max_tokens": 200, "steps": 1024, "seed": 5}  # seeded: each decodes on its own
+    # seeded: each decodes on its own; ReMDM remasks every step, so no step is skipped by the unchanged-input cache
+    slow = {"prompt": "To be", "max_tokens": 200, "steps": 1024, "seed": 5, "algorithm": "remdm_cap"}
     light = {"prompt": "To be", "steps": 8, "max_tokens": 16}
     with ThreadPoolExecutor(16 + 48) as pool:
         t0 = time.monotonic()
@@ -292,10 +329,76 @@ def test_timeout_and_overload_leave_the_replicas_serving(server):
     assert status == 200 and out["choices"][0]["text"] and time.monotonic() - t1 < 5.0
 
 
-def test_autoscaling_config_is_applied(server):
+def deployment_config(app: str, deployment: str) -> dict:
+    """The deployment's config as the Serve controller holds it (what `serve status`/the dashboard report)."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    return details["applications"][app]["deployments"][deployment]["deployment_config"]
+
+
+def running(app: str, deployment: str = "SoftmaskSampler") -> int:
     from ray import serve
 
-    app = serve.status().applications[APP]
-    sampler = app.deployments["SoftmaskSampler"]
-    assert sampler.replica_states.get("RUNNING") == 2  # min_replicas
-    assert app.deployments["SoftmaskIngress"].replica_states.get("RUNNING") == 1
+    return serve.status().applications[app].deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def test_autoscaling_config_is_applied(server):
+    sampler = deployment_config(APP, "SoftmaskSampler")
+    auto = sampler["autoscaling_config"]
+    assert (auto["min_replicas"], auto["max_replicas"], auto["initial_replicas"]) == (2, 3, 2)
+    assert (auto["upscale_delay_s"], auto["downscale_delay_s"], auto["target_ongoing_requests"]) == (60, 30, 16)
+    assert (sampler["max_ongoing_requests"], sampler["max_queued_requests"]) == (8, 24)
+    assert sampler["ray_actor_options"]["num_cpus"] == 0.25
+    ingress = deployment_config(APP, "SoftmaskIngress")
+    assert ingress["num_replicas"] == 1 and ingress["ray_actor_options"]["num_cpus"] == 0.05
+    assert running(APP) == 2 and running(APP, "SoftmaskIngress") == 1  # min_replicas
+
+
+def test_sampler_scales_up_under_load(server, checkpoint):
+    """A second app (1 to 2 sampler replicas, one ongoing request per replica as the target, 1 s upscale delay) on the
+    same Serve instance: under 8 concurrent clients a second replica starts, and no request fails meanwhile."""
+    import threading
+
+    from pipelines.serve import ServeStageConfig, run, shutdown
+
+    app = "softmask-scale"
+    cfg = ServeStageConfig(
+        checkpoint=str(checkpoint), model_name="debug", app_name=app, route_prefix="/scale", port=server.port,
+        min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=1, downscale_delay_s=600,
+        num_cpus=0.25, ingress_num_cpus=0.05, max_batch_size=1, request_timeout_s=300.0, torch_threads=1)
+    scaled = run(cfg)
+    stop, codes = threading.Event(), []
+
+    def client(i: int) -> None:
+        while not stop.is_set():
+            try:
+                code = post(scaled.completions_url, {"prompt": "To be", "max_tokens": 16, "steps": 16, "seed": i},
+                            timeout=400)[0]
+            except Exception as e:  # noqa: BLE001 - recorded: the test fails on anything but 200
+                code = f"{type(e).__name__}: {e}"
+            codes.append(code)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(8)]
+    try:
+        assert running(app) == 1
+        assert deployment_config(app, "SoftmaskSampler")["autoscaling_config"]["max_replicas"] == 2
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 600  # a new replica is a new Ray worker process: slow on a loaded machine
+        while running(app) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert running(app) == 2, serve_status_line(app)
+    finally:
+        stop.set()
+        for t in threads:
+            if t.ident is not None:  # started
+                t.join(300)
+        shutdown(scaled)
+    assert codes and set(codes) == {200}, sorted(set(map(str, codes)))
+
+
+def serve_status_line(app: str) -> str:
+    from ray import serve
+
+    return str(serve.status().applications[app].deployments["SoftmaskSampler"])

@@ -9,7 +9,8 @@ from pydantic import ValidationError
 
 from infra.config import ConfigError, field_docs, from_dict, load_config
 from pipelines.serve import ServeStageConfig
-from workers.serving import ServeConfig, request_payload, resolve_checkpoint
+from workers.serving import request_payload
+from workers.serving_config import ServeConfig, resolve_checkpoint
 from workers.serving_api import ApiError, CompletionRequest, check_bounds, validation_error
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -121,9 +121,22 @@ def test_zero3_sm_survives_worker_kill_and_replays_exactly(ray_session, datasets
                 killed.update(pid=[r for r in recs if r["kind"] == "setup"][-1]["pids"][1], after_step=done,
                               registered=registered)
                 os.kill(killed["pid"], signal.SIGKILL)
+        # keep the EMA of the checkpoint the restarted attempt restores (keep_last deletes it later): its setup
+        # record names the step, and that checkpoint stays the latest until the attempt's next save
+        while time.time() < deadline:
+            time.sleep(0.05)
+            try:
+                setup = [json.loads(x) for x in metrics_file.read_text().splitlines() if '"setup"' in x][1]
+                ema_file = Path(cfg.storage_run_uri) / f"checkpoint_{setup['step']:08d}" / "ema.safetensors"
+                killed["restored_ema"] = ema_file.read_bytes()
+                return
+            except (OSError, ValueError, IndexError):
+                continue
 
-    threading.Thread(target=kill_rank1_after_a_registered_checkpoint, daemon=True).start()
+    watcher = threading.Thread(target=kill_rank1_after_a_registered_checkpoint, daemon=True)
+    watcher.start()
     result = run(cfg)
+    watcher.join(30)
     assert killed, "the worker was never killed"
     assert result.metrics["step"] == N
     recs = records(result.output_uri)
@@ -137,6 +150,13 @@ def test_zero3_sm_survives_worker_kill_and_replays_exactly(ray_session, datasets
     assert len(redone) <= killed["after_step"] - killed["registered"]  # only steps after the registered checkpoint
     for s in redone:  # resume determinism: the replayed steps give the killed attempt's losses
         assert after[s] == pytest.approx(before[s], rel=1e-5, abs=1e-6)
+    # the restarted attempt continues the checkpoint's EMA (not a fresh average of the restored weights)
+    from safetensors.torch import load
+
+    from models.ema import checksum
+
+    assert setups[1]["ema_checksum"] == pytest.approx(checksum(load(killed["restored_ema"])), rel=1e-9)
+    assert setups[1]["ema_checksum"] != pytest.approx(setups[0]["ema_checksum"], rel=1e-3)  # the fresh one differs
     losses = train_losses(recs)
     assert losses[N] < losses[1] - 0.5 and (losses[N - 1] + losses[N]) / 2 < (losses[1] + losses[2]) / 2 - 0.5
     vals = {r["step"]: r for r in recs if r["kind"] == "val"}

@@ -157,15 +157,25 @@ def save(engine, ema, state: dict, metrics: dict, rank: int, report) -> None:
 
 def restore(engine, ema, checkpoint, device: str = "cpu") -> dict:
     """Load engine (+ EMA) state from a checkpoint (``as_directory()``: Ray Train's or a local folder); returns its
-    train_state dict."""
+    train_state dict.
+
+    A run that keeps an EMA (``ema`` given) needs the checkpoint's EMA: a missing ``ema.safetensors`` is an error (an
+    incomplete checkpoint), never a silent restart of the average from the restored weights. Switching the EMA on
+    for a run whose checkpoints have none is refused earlier, by ``workers.train_config.preflight``."""
     from safetensors.torch import load_file
 
     with checkpoint.as_directory() as d:
         state = json.loads(Path(d, STATE_FILE).read_text())
-        path, _ = engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if ema is not None and not Path(d, EMA_FILE).is_file():
+            raise RuntimeError(f"checkpoint {d} has no {EMA_FILE}, but this run keeps an EMA (ema_decay > 0): the "
+                               f"checkpoint is incomplete")
+        # (DeepSpeed 0.19 fails on a missing tag folder with a bare AssertionError: say what is missing instead)
+        path = None
+        if Path(d, DS_TAG).is_dir():
+            path, _ = engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no engine state under {d}/{DS_TAG}")
-        if ema is not None and Path(d, EMA_FILE).exists():
+        if ema is not None:
             ema.load_state_dict(load_file(str(Path(d, EMA_FILE)), device=device))
     return state
 
@@ -182,16 +192,20 @@ def init_from_export(model, uri: str, keep_sm_head: bool, gather=None) -> dict:
     sd = src.state_dict()
     if not keep_sm_head:
         sd = {k: v for k, v in sd.items() if not is_sm_param(k)}
-    own = model.state_dict()
-    sd = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
-    missing = [k for k in own if k not in sd and not is_sm_param(k) and not k.startswith("sc_proj.")]
-    if missing:
-        raise ValueError(f"init_checkpoint {uri} lacks backbone weights {missing[:5]}")
+
+    def load() -> None:
+        own = model.state_dict()  # whole shapes: under ZeRO-3 this runs with the partitions gathered
+        matched = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+        missing = [k for k in own if k not in matched and not is_sm_param(k) and not k.startswith("sc_proj.")]
+        if missing:
+            raise ValueError(f"init_checkpoint {uri} lacks backbone weights {missing[:5]}")
+        model.load_state_dict(matched, strict=False)
+
     if gather is None:
-        model.load_state_dict(sd, strict=False)
+        load()
     else:  # ZeRO-3 partitioned model: gathered whole while loading (rank 0's copy is broadcast on exit)
         with gather(list(model.parameters())):
-            model.load_state_dict(sd, strict=False)
+            load()
     return dict(getattr(src, "checkpoint_metadata", {}) or {})
 
 

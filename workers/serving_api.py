@@ -19,11 +19,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# Sampling algorithms of models.sampling (the sampler replica checks this list against the real registry at startup).
-ALGORITHMS = ("ancestral", "entropy", "confidence", "margin", "remdm_cap", "remdm_loop")  # models.sampling's
-Algorithm = Literal["ancestral", "entropy", "confidence", "margin", "remdm_cap", "remdm_loop"]
-TRANSPARENCY = ("none", "linear", "stepwise")  # models.sampling.TRANSPARENCY (kept import-free of torch here)
-Transparency = Literal["none", "linear", "stepwise"]
+# the one list of names (torch-free), also the API's types
+from models.names import ALGORITHMS, TRANSPARENCY, Algorithm, Transparency  # noqa: F401  (ALGORITHMS re-exported)
 
 # the largest integer a JSON number holds exactly (an IEEE double): the schema, JavaScript clients and the seed the
 # server draws and returns all agree on it

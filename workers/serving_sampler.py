@@ -84,7 +84,7 @@ class SamplerDeployment:
         import models
         from models.sampling import ALGORITHMS as MODEL_ALGORITHMS
         from models.sampling import SamplerConfig, sample
-        from workers.serving import as_serve_config, check_model
+        from workers.serving_config import as_serve_config, check_model
 
         self.cfg = as_serve_config(cfg)
         missing = set(ALGORITHMS) - set(MODEL_ALGORITHMS)
