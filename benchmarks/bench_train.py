@@ -6,8 +6,18 @@ Sections (select with --only; default: all CPU sections):
   ddp         step time of DeepSpeed ZeRO-2 vs plain PyTorch DDP on the same model/data, 2 gloo processes
               (goal: ZeRO-2 <= 1.15x DDP).
   memory      per-rank peak and end-of-run RSS, ZeRO-2 vs ZeRO-3, 2 processes, ~100M-parameter model.
-  gpu         one device, DeepSpeed ZeRO-2 (bf16 on GPU): tokens/s and MFU = 6*N*tokens/s / peak bf16 FLOP/s
-              (used by benchmarks/gpu_train.sh; runs on CPU at toy size too).
+  gpu         one device, DeepSpeed ZeRO-2 (bf16 on GPU): tokens/s and MFU (used by benchmarks/gpu_train.sh; runs on
+              CPU at toy size too). MFU two ways, both over the peak dense bf16 FLOP/s:
+                mfu_palm  the PaLM convention (Chowdhery et al. 2022, app. B): 6 x non-embedding parameters + the
+                          attention's 12 x layers x d_model x seq_len per token, and the output layer (6 x d_model x
+                          padded vocab) only for the rows where it runs, the masked ones (their measured fraction)
+                mfu_6N    6 x all parameters per token: it also counts the input embedding and an output layer over
+                          every position, so it reads ~30 % higher for the small flavor
+              "_with_pass1": the no-grad first pass of two-pass SM steps added (its forward FLOPs, per the same
+              convention), i.e. the model FLOPs that actually run.
+  --recompute-mfu FILE...   the PaLM figures of recorded runs (JSON lines of this section), from their tokens/s,
+              model shape and two-pass fraction (masked fraction 0.5, the log-linear schedule's mean, where a run did
+              not record it); one JSON line per run.
 Data: bytes of the interpreter's own stdlib sources (real offline text) as token ids, byte vocabulary (259).
 
   PYTHONPATH=. .venv/bin/python benchmarks/bench_train.py [--only throughput,ddp,memory]
@@ -30,6 +40,47 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::Deprecati
 
 BYTE_TOKENIZER = {"spec": "bytes", "sha256": "", "vocab_size": 259, "eos_id": 256, "mask_id": 257, "pad_id": 258}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s (SXM)
+
+
+def model_flops(flavor: str, n_params: int, seq_len: int, masked_fraction: float, mcfg=None) -> dict:
+    """Model FLOPs per token of a training step (forward + backward) and of the SM first pass (forward only), by the
+    PaLM convention, for a model of ``flavor`` (or ``mcfg``) with ``n_params`` parameters in all."""
+    from models import ModelConfig
+
+    mcfg = mcfg or ModelConfig.from_flavor(flavor)
+    d, layers, vocab = mcfg.d_model, mcfg.n_layers, mcfg.padded_vocab_size
+    n_body = n_params - 2 * vocab * d  # without the input embedding and the (untied) output layer
+    attention = 4 * layers * d * seq_len  # QK^T and AV: 2 x seq_len x d_model FLOPs each, per token and layer, forward
+    head = 2 * d * vocab * masked_fraction  # the output layer, on the masked rows only
+    return {"n_params": n_params, "n_non_embedding": n_body, "masked_fraction": masked_fraction,
+            "train_per_token": 3 * (2 * n_body + attention + head),
+            "pass1_per_token": 2 * n_body + attention + head, "train_per_token_6N": 6 * n_params}
+
+
+def mfu(flops: dict, tokens_per_s: float, two_pass_fraction: float, peak: float) -> dict:
+    extra = two_pass_fraction * flops["pass1_per_token"]
+    six_n = flops["train_per_token_6N"]
+    return {"mfu_palm": flops["train_per_token"] * tokens_per_s / peak,
+            "mfu_palm_with_pass1": (flops["train_per_token"] + extra) * tokens_per_s / peak,
+            "mfu_6N": six_n * tokens_per_s / peak,
+            # two-pass steps add one no-grad forward (2N per token on this count)
+            "mfu_with_pass1": (six_n + 2 * two_pass_fraction * flops["n_params"]) * tokens_per_s / peak}
+
+
+def recompute_mfu(paths: list[str]) -> list[dict]:
+    """PaLM-convention MFU of recorded `gpu` runs (JSON lines), from what each line recorded."""
+    out = []
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            run = json.loads(line)
+            if "tokens_per_s" not in run or "peak_bf16_flops" not in run:
+                continue  # a skipped or failed entry of a sweep
+            flops = model_flops(run["flavor"], run["n_params"], run["seq_len"], run.get("masked_fraction", 0.5))
+            out.append({"file": Path(path).name, "name": run.get("name"), "objective": run["objective"],
+                        "micro_batch": run["micro_batch"], "tokens_per_s": run["tokens_per_s"],
+                        "two_pass_fraction": run["two_pass_fraction"], "masked_fraction": flops["masked_fraction"],
+                        **mfu(flops, run["tokens_per_s"], run["two_pass_fraction"], run["peak_bf16_flops"])})
+    return out
 
 
 def stdlib_tokens(n_tokens: int):
@@ -233,8 +284,10 @@ def bench_memory(steps: int) -> dict:
 # ------------------------------------------------------------------------------------------------- one device
 def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, device_name: str | None,
               objective: str = "sm", compile_blocks: bool = False, profile_out: str | None = None,
-              check_grad_overflow: bool = True, compile_loss: bool = False, fused_adam: str = "auto") -> dict:
-    """Single process DeepSpeed ZeRO-2 (bf16 on GPU, fp32 on CPU): tokens/s and MFU."""
+              check_grad_overflow: bool = True, compile_loss: bool = False, fused_adam: str = "auto",
+              backbone: str = "core") -> dict:
+    """Single process DeepSpeed ZeRO-2 (bf16 on GPU, fp32 on CPU): tokens/s and MFU. ``backbone``: core (our
+    transformer, models.FLAVORS) or dit (MDLM's DiT, models.dit.DIT_FLAVORS; small = MDLM OWT's 169.6M)."""
     import torch
     import torch.distributed as dist
 
@@ -243,19 +296,21 @@ def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, de
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
     dist.init_process_group("nccl" if on_gpu else "gloo", rank=0, world_size=1)
     torch.manual_seed(0)
-    from models import ModelConfig, build_model
+    from models import ModelConfig
     from models.compile import compile_blocks as compile_model_blocks
     from models.compile import compile_softmask_head, compiled_token_nll
     from models.objective import ObjectiveConfig, token_nll, training_loss, uses_two_pass
+    from models.dit import DiTConfig
     from models.optim import param_groups
+    from models.registry import build_from_config
 
     from infra.deepspeed import DeepSpeedConfig, build_ds_config, build_engine
 
     over = {"max_seq_len": max(seq_len, 64)}
     if flavor != "small":
         over.update(vocab_size=50258, mask_token_id=50257)
-    mcfg = ModelConfig.from_flavor(flavor, **over)
-    model = build_model(mcfg)
+    mcfg = {"core": ModelConfig, "dit": DiTConfig}[backbone].from_flavor(flavor, **over)
+    model = build_from_config(mcfg)
     n_params = sum(p.numel() for p in model.parameters())
     if compile_blocks:
         compile_model_blocks(model)
@@ -269,19 +324,20 @@ def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, de
         nll = compiled_token_nll()
     gen = torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    times, two_passes = [], 0
+    times, two_passes, masked = [], 0, []
     for step in range(warmup + steps):
         x0 = torch.randint(0, 50257, (micro, seq_len), generator=gen).to(engine.device)
         sync()
         t0 = time.perf_counter()
         two = uses_two_pass(obj, 0, step)
-        loss, _ = training_loss(engine, x0, obj, seed=0, step=step, two_pass=two, nll=nll)
+        loss, metrics = training_loss(engine, x0, obj, seed=0, step=step, two_pass=two, nll=nll)
         engine.backward(loss)
         engine.step()
         sync()
         if step >= warmup:
             times.append(time.perf_counter() - t0)
             two_passes += int(two)
+            masked.append(metrics["masked_frac"])  # device tensors, read after the timing
     if profile_out:
         from torch.profiler import ProfilerActivity, profile
 
@@ -303,16 +359,15 @@ def bench_gpu(flavor: str, seq_len: int, micro: int, steps: int, warmup: int, de
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     frac_two = two_passes / max(1, len(times))
     client_adam = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the client AdamW
-    res = {"device": name, "flavor": flavor, "n_params": n_params, "seq_len": seq_len, "micro_batch": micro,
-           "precision": "bf16" if on_gpu else "fp32", "zero_stage": 2, "steps_timed": len(times),
+    res = {"device": name, "backbone": backbone, "flavor": flavor, "n_params": n_params, "seq_len": seq_len,
+           "micro_batch": micro, "precision": "bf16" if on_gpu else "fp32", "zero_stage": 2, "steps_timed": len(times),
            "objective": objective, "compiled_blocks": compile_blocks, "check_grad_overflow": check_grad_overflow,
            "compiled_loss": compile_loss, "fused_adam": bool(client_adam.defaults.get("fused")),
            "tokens_per_s": tok_s, "two_pass_fraction": frac_two, "final_loss": loss.item()}
+    res["masked_fraction"] = float(torch.stack(masked).float().mean())
     if peak:
         res["peak_bf16_flops"] = peak
-        res["mfu_6N"] = 6 * n_params * tok_s / peak
-        # two-pass steps add one no-grad forward (2N per token): model FLOPs actually run
-        res["mfu_with_pass1"] = (6 + 2 * frac_two) * n_params * tok_s / peak
+        res.update(mfu(model_flops(flavor, n_params, seq_len, res["masked_fraction"], mcfg), tok_s, frac_two, peak))
     if on_gpu:
         res["max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
     dist.destroy_process_group()
@@ -323,7 +378,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="throughput,ddp,memory")
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--flavor", default="small", help="gpu section: model flavor")
+    ap.add_argument("--flavor", default="small", help="gpu section: model flavor (of the backbone's flavors)")
+    ap.add_argument("--backbone", default="core", choices=("core", "dit"),
+                    help="gpu section: core = our transformer, dit = MDLM's DiT (models.dit)")
     ap.add_argument("--seq-len", type=int, default=1024, help="gpu section: sequence length")
     ap.add_argument("--micro", type=int, default=16, help="gpu section: micro batch")
     ap.add_argument("--warmup", type=int, default=3, help="gpu section: untimed steps")
@@ -337,14 +394,20 @@ def main(argv=None) -> int:
                     help="gpu section: DeepSpeed bf16 check_grad_overflow off (no per-gradient inf/NaN test)")
     ap.add_argument("--fused-adam", default="auto", choices=("auto", "on", "off"),
                     help="gpu section: torch AdamW's fused kernel (auto: on CUDA)")
+    ap.add_argument("--recompute-mfu", nargs="+", default=None, metavar="FILE",
+                    help="print the PaLM-convention MFU of recorded gpu runs (JSON lines) and exit")
     args = ap.parse_args(argv)
+    if args.recompute_mfu:
+        for row in recompute_mfu(args.recompute_mfu):
+            print(json.dumps(row))
+        return 0
     only = set(args.only.split(","))
     real_stdout, sys.stdout = sys.stdout, sys.stderr  # stdout carries only the JSON result
     out: dict = {"host_cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}
     if "gpu" in only:
         out["gpu"] = bench_gpu(args.flavor, args.seq_len, args.micro, args.steps, args.warmup, args.device_name,
                                args.objective, args.compile, args.profile, not args.no_overflow_check,
-                               args.compile_loss, args.fused_adam)
+                               args.compile_loss, args.fused_adam, args.backbone)
     if "ddp" in only:
         out["ddp_vs_zero2"] = bench_ddp(args.steps)
     if "memory" in only:

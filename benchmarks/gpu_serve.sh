@@ -4,8 +4,8 @@
 # (also $RESULT, default $OUT/gpu_serve.json or /tmp/gpu_serve.json). Python: benchmarks/bench_serve.py --num-gpus 1.
 # Finishes in < 8 min.
 #
-# The GPU image has torch but not Ray: carry Ray Serve's wheels and the Shakespeare corpus first
-# (`python benchmarks/device_bundle.py serve` here, then one `bash benchmarks/device_unbundle.sh .xferN` device call
+# On a GPU host with torch but no Ray and no package index: copy Ray Serve's wheels and the Shakespeare corpus first
+# (`python benchmarks/offline_bundle.py serve` on a connected machine, then `bash benchmarks/offline_unbundle.sh .xferN`
 # per folder it prints); this script picks them up from $BUNDLE (default /tmp/bundle).
 #   bash benchmarks/gpu_serve.sh                       # GPU defaults
 #   bash benchmarks/gpu_serve.sh --flavors tiny        # extra flags pass on to bench_serve.py
@@ -20,7 +20,7 @@ else
   export PYTHONPATH="$PWD"
 fi
 export PYTHONWARNINGS=ignore::FutureWarning,ignore::DeprecationWarning RAY_USAGE_STATS_ENABLED=0
-RESULT=${RESULT:-${OUT:-/tmp}/gpu_serve.json}  # $OUT: the device tool's folder that comes back
+RESULT=${RESULT:-${OUT:-/tmp}/gpu_serve.json}  # $OUT: where results are kept
 if [[ "${TOY:-0}" == "1" ]]; then
   PY=${PYTHON:-.venv/bin/python}
   exec timeout 600 "$PY" benchmarks/bench_serve.py --flavors debug --concurrency 1,4 --requests 8 --level-time-s 5 \

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Several one-GPU training configurations in a row (benchmarks/gpu_train.sh each), every one in its own process, so
 # a crash or a timeout costs its own line only. One JSON object per line in $RESULT (default $OUT/train_sweep.jsonl,
-# $OUT being the device tool's folder that comes back; else /tmp), stderr of all runs in the matching .err file.
-# Stops starting new runs once BUDGET_S seconds have passed (device time is scarce).
+# $OUT being where results are kept; else /tmp), stderr of all runs in the matching .err file.
+# Stops starting new runs once BUDGET_S seconds have passed (a bound on the GPU time one sweep takes).
 #   bash benchmarks/gpu_train_sweep.sh                   # the default list below, on the GPU
 #   SWEEP="sm:16:--compile bin:16:--compile --objective binary" bash benchmarks/gpu_train_sweep.sh
 #   TOY=1 bash benchmarks/gpu_train_sweep.sh             # the same runs at toy size on CPU
@@ -13,9 +13,10 @@ RESULT=${RESULT:-${OUT:-/tmp}/train_sweep.jsonl}
 ERR=${RESULT%.jsonl}.err
 BUDGET_S=${BUDGET_S:-300}
 PER_RUN_S=${PER_RUN_S:-120}
-# default: session 5's two best configurations, each without and with the compiled loss, then the default
-# settings (the AdamW is fused on CUDA by default since session 6; the last entry measures the foreach one).
-# Session 8 on one H200: 44.6 % MFU for bin-m64-closs (docs/benchmarks.md)
+# default: the two best configurations of the first H200 sweep (binary and SM at micro-batch 64), each without and
+# with the compiled loss, then the default settings (the AdamW is fused on CUDA by default; the last entry measures
+# the foreach one). On one H200 (2026-11-28): 44.6 % MFU by 6N, 33.9 % by the PaLM convention, for bin-m64-closs
+# (docs/benchmarks.md)
 SWEEP=${SWEEP:-"bin-m64:64:--compile,--objective,binary,--no-overflow-check \
 bin-m64-closs:64:--compile,--compile-loss,--objective,binary,--no-overflow-check \
 sm-m64:64:--compile,--no-overflow-check sm-m64-closs:64:--compile,--compile-loss,--no-overflow-check \

@@ -1,9 +1,11 @@
 """A long-lived local Ray cluster on 127.0.0.1 that we start and stop ourselves (never `ray stop`, which kills every
 Ray on the host): a head node plus optional worker nodes, each in its own process group.
 
-Token authentication (on by default in Ray 2.60): the cluster is started with the same RAY_AUTH_MODE as the driver
-environment; with ``auth="token"`` the token in ~/.ray/auth_token (or RAY_AUTH_TOKEN) is used by the CLI, the
-drivers and `ray job submit`. See docs/cluster.md.
+Token authentication (on by default in Ray 2.60): with ``auth="token"`` the nodes start with RAY_AUTH_MODE=token and
+the token in ~/.ray/auth_token (or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH), which the CLI, the drivers and
+`ray job submit` present too. `ray start` never creates that token (only a local ``ray.init()`` does), so on a fresh
+host :func:`ensure_auth_token` creates it first, the way Ray documents: ``ray get-auth-token --generate``.
+See docs/cluster.md.
 """
 from __future__ import annotations
 
@@ -21,11 +23,8 @@ from pathlib import Path
 
 import psutil
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from infra.net import free_port
+from infra.ray_runtime import LOOPBACK_NODE_IP
 
 
 def _group_processes(pgid: int) -> list[psutil.Process]:
@@ -75,6 +74,33 @@ def _ray_bin() -> str:
     return str(cand) if cand.exists() else (shutil.which("ray") or "ray")
 
 
+def auth_token_source(env: dict) -> str | None:
+    """Where Ray's clients and nodes started with ``env`` read the cluster token from; None when there is none."""
+    if env.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    path = env.get("RAY_AUTH_TOKEN_PATH") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".ray",
+                                                          "auth_token")
+    return path if os.path.isfile(path) and os.path.getsize(path) > 0 else None
+
+
+def ensure_auth_token(env: dict) -> str:
+    """Create the token a token-auth cluster needs when none exists yet (``ray get-auth-token --generate`` writes
+    ~/.ray/auth_token of ``env``'s HOME); returns where the token lives. The token itself is never printed."""
+    found = auth_token_source(env)
+    if found:
+        return found
+    if env.get("RAY_AUTH_TOKEN_PATH"):
+        raise RuntimeError(f"RAY_AUTH_TOKEN_PATH={env['RAY_AUTH_TOKEN_PATH']} names no token file; create it (or "
+                           f"unset the variable and a token is generated in ~/.ray/auth_token)")
+    r = subprocess.run([_ray_bin(), "get-auth-token", "--generate"], env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True, timeout=120)
+    found = auth_token_source(env)
+    if r.returncode != 0 or not found:
+        raise RuntimeError(f"`ray get-auth-token --generate` could not create a token (exit {r.returncode}): "
+                           f"{r.stderr.strip()[-500:]}")
+    return found
+
+
 @dataclass
 class LocalRayCluster:
     """``ray start --head`` (+ workers) bound to 127.0.0.1. ``address`` is valid after start()."""
@@ -86,10 +112,11 @@ class LocalRayCluster:
     auth: str = "token"  # Ray 2.60's default: every client must present ~/.ray/auth_token ("disabled" opts out)
     nodes: list = dc_field(default_factory=list)  # Popen-less records: {"pgid": int, "role": str}
     address: str | None = None
+    dashboard_url: str | None = None  # http://host:port of the head's dashboard (Ray Jobs, state API); after start()
     # NOTE: 127.0.0.2, not 127.0.0.1: Ray rewrites "127.0.0.1"/"localhost" addresses to the host's routable IP before
     # connecting; another loopback address is left alone, so every byte stays on loopback. Worker nodes get
     # 127.0.0.3, 127.0.0.4, ... (distinct node IPs, as on a real cluster).
-    host: str = "127.0.0.2"
+    host: str = LOOPBACK_NODE_IP
 
     def _env(self) -> dict:
         env = dict(os.environ)
@@ -101,8 +128,8 @@ class LocalRayCluster:
     def _node_ports(ip: str) -> list[str]:
         """Loopback only, and free ports instead of Ray's fixed defaults so clusters on one host never collide."""
         return [f"--node-ip-address={ip}", "--disable-usage-stats",
-                f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
 
     def _launch(self, args: list[str], role: str) -> None:
         log = Path(self.temp_dir or tempfile.gettempdir()) / f"softmask-ray-{role}-{os.getpid()}-{len(self.nodes)}.log"
@@ -112,16 +139,20 @@ class LocalRayCluster:
         self.nodes.append({"pgid": proc.pid, "role": role, "log": str(log), "proc": proc})
 
     def start(self, timeout: float = 90.0) -> str:
-        self.port = self.port or _free_port()
-        # the dashboard (loopback only) also serves the state API that Ray Train's monitors query
+        self.port = self.port or free_port()
+        if self.auth == "token":
+            ensure_auth_token(self._env())  # before `ray start`, which refuses to start without one
+        # the dashboard (loopback only) also serves the state API that Ray Train's monitors query, and Ray Jobs
+        dashboard_port = free_port()
         args = ["--head", f"--port={self.port}", f"--num-cpus={self.num_cpus}", "--include-dashboard=true",
-                f"--dashboard-host={self.host}", f"--ray-client-server-port={_free_port()}",
-                f"--dashboard-port={_free_port()}",
+                f"--dashboard-host={self.host}", f"--ray-client-server-port={free_port()}",
+                f"--dashboard-port={dashboard_port}",
                 *self._node_ports(self.host)]
         if self.temp_dir:
             args.append(f"--temp-dir={self.temp_dir}")
         self._launch(args, "head")
         self.address = f"{self.host}:{self.port}"
+        self.dashboard_url = f"http://{self.host}:{dashboard_port}"
         self._wait_ready(timeout)
         # NOTE: drivers must have RAY_AUTH_MODE=token set *before* importing ray (the `softmask` CLI does); setting it
         # here would only reach child processes (a local Ray started later would then reject this process).

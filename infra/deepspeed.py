@@ -162,6 +162,29 @@ def promote_scalar_params(model) -> list[str]:
     return names
 
 
+def cast_outside_partitions(model, ds_config: dict) -> list[str]:
+    """Under bf16/fp16, give the parameters of a model built with ``zero.Init`` that were created outside it (the SM
+    head's scalars) the half dtype of the partitioned ones, in place; returns their names.
+
+    NOTE: DeepSpeed 0.19.8 casts nothing when the model was built partitioned (it takes every parameter to be at the
+    configured dtype already), and ZeRO-3's partition defragmentation asserts one dtype for all parameters. Below
+    stage 3, or without half precision, nothing changes (the engine casts the whole model itself).
+    """
+    import torch
+
+    half = (torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else
+            torch.float16 if ds_config.get("fp16", {}).get("enabled") else None)
+    params = list(model.named_parameters())
+    if half is None or not any(hasattr(p, "ds_id") for _, p in params):
+        return []
+    names = []
+    for name, p in params:
+        if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != half:
+            p.data = p.data.to(half)
+            names.append(name)
+    return names
+
+
 def match_shapes(state_dict: dict, reference: dict) -> dict:
     """``state_dict`` with each tensor reshaped to the reference tensor's shape when only the shape differs."""
     out = {}
@@ -196,6 +219,7 @@ def build_engine(model, param_groups: list[dict], ds_config: dict, ds: DeepSpeed
     import torch
 
     promote_scalar_params(model)
+    cast_outside_partitions(model, ds_config)
     if ds.activation_checkpointing:
         apply_activation_checkpointing(model)
     from deepspeed.accelerator import get_accelerator
@@ -366,10 +390,40 @@ def estimate_zero3_memory(n_params: int, num_gpus_per_node: int, num_nodes: int,
            "num_nodes": num_nodes, "total_gpus": num_gpus_per_node * num_nodes, "offload": offload,
            "buffer_factor": buffer_factor, **chosen, "largest_layer_gib": round(4 * largest / gib, 2), "table": table,
            "fits": None if gpu_memory_gib is None else chosen["per_gpu_gib"] <= gpu_memory_gib}
-    out["summary"] = (f"ZeRO-3 model states (DeepSpeed estimator) for {n_params / 1e9:.2f}B params on {num_nodes} "
-                      f"node(s) x {num_gpus_per_node} GPU(s), offload_optimizer={chosen['offload_optimizer']}: "
-                      f"{chosen['per_gpu_gib']:.2f} GiB per GPU, {chosen['per_node_cpu_gib']:.2f} GiB CPU per node"
-                      + ("" if gpu_memory_gib is None else
-                         f" ({'fits' if out['fits'] else 'does NOT fit'} {gpu_memory_gib:g} GiB GPUs)")
-                      + "; activations and logits come on top")
+    out["summary"] = _memory_summary(3, out, gpu_memory_gib)
     return out
+
+
+def estimate_zero2_memory(n_params: int, num_gpus_per_node: int, num_nodes: int, offload: bool, *,
+                          buffer_factor: float = 1.5, gpu_memory_gib: float | None = None) -> dict:
+    """ZeRO-2 model-state memory per GPU and per node's CPU, from DeepSpeed's own estimator
+    (``deepspeed.runtime.zero.stage_1_and_2.estimate_zero2_model_states_mem_needs``, the function behind its printed
+    ``estimate_zero2_model_states_mem_needs_all_cold`` table): bf16 parameters whole on every GPU (2 bytes/param), bf16
+    and fp32 gradients, fp32 master weights and Adam moments sharded over all GPUs (16 bytes/param in total), or, with
+    ``offload``, those in CPU memory. NOTE: model states only; activations and the (B, L, V) logits come on top.
+    """
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    require(n_params > 0, "n_params", f"must be > 0, got {n_params}")
+    require(num_gpus_per_node >= 1 and num_nodes >= 1, "num_gpus_per_node", "GPUs per node and nodes must be >= 1")
+    gib = 2 ** 30
+    cpu, gpu = estimate_zero2_model_states_mem_needs(int(n_params), num_gpus_per_node, num_nodes, cpu_offload=offload,
+                                                     additional_buffer_factor=buffer_factor)
+    out = {"n_params": int(n_params), "num_gpus_per_node": num_gpus_per_node, "num_nodes": num_nodes,
+           "total_gpus": num_gpus_per_node * num_nodes, "offload": offload, "buffer_factor": buffer_factor,
+           "per_gpu_bytes": int(gpu), "per_node_cpu_bytes": int(cpu), "per_gpu_gib": round(gpu / gib, 2),
+           "per_node_cpu_gib": round(cpu / gib, 2),
+           "fits": None if gpu_memory_gib is None else gpu / gib <= gpu_memory_gib}
+    out["summary"] = _memory_summary(2, out, gpu_memory_gib)
+    return out
+
+
+def _memory_summary(stage: int, est: dict, gpu_memory_gib: float | None) -> str:
+    """One line for an estimate of :func:`estimate_zero2_memory` / :func:`estimate_zero3_memory`."""
+    n = est["n_params"]
+    size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    fit = "" if gpu_memory_gib is None else f" ({'fits' if est['fits'] else 'does NOT fit'} {gpu_memory_gib:g} GiB GPUs)"
+    return (f"ZeRO-{stage} model states (DeepSpeed estimator) for {size} params on {est['num_nodes']} node(s) x "
+            f"{est['num_gpus_per_node']} GPU(s), offload_optimizer={'cpu' if est['offload'] else 'none'}: "
+            f"{est['per_gpu_gib']:.2f} GiB per GPU, {est['per_node_cpu_gib']:.2f} GiB CPU per node{fit}; activations "
+            f"and logits come on top")

@@ -5,6 +5,7 @@ NOTE: environment variables must be set *before* ``ray.init`` so that raylets an
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -18,6 +19,10 @@ PASSTHROUGH_ENV = (
     "SOFTMASK_CACHE", "PYTHONWARNINGS", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM",
 )
 
+# The node address of every Ray this project starts on one host. Ray rewrites 127.0.0.1/localhost to the host's
+# routable interface before it uses them; any other loopback address is kept, so the node stays on loopback.
+LOOPBACK_NODE_IP = "127.0.0.2"
+
 DEFAULT_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
@@ -25,6 +30,7 @@ DEFAULT_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' weight loading/saving bars (the console shows our progress)
     "RAY_worker_niceness": "0",  # Ray starts workers at nice 15: on a busy machine they would starve
 }
 
@@ -37,6 +43,8 @@ class RayConfig:
                                       "unless RAY_ADDRESS is set")
     num_cpus: int | None = field(None, "logical CPUs of a local Ray (None = the machine's core count)")
     include_dashboard: bool = field(False, "start the dashboard with a local Ray (127.0.0.1 only)")
+    log_to_driver: bool = field(False, "also print the Ray workers' stdout/stderr on this console (they are always in "
+                                       "the Ray session's logs: session_log_dir())")
 
 
 def default_env(accelerator: str = "cpu") -> dict[str, str]:
@@ -81,15 +89,32 @@ def init_ray(cfg: RayConfig | None = None, *, accelerator: str = "cpu", extra_en
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address == "local":
         address = None
+    quiet = {"log_to_driver": cfg.log_to_driver, "logging_level": logging.WARNING}
     if address:
         # Ray 2.60 clusters use token auth by default; a driver only sends ~/.ray/auth_token when RAY_AUTH_MODE=token
         # was set before ray was imported (the `softmask` CLI sets it first thing; see docs/cluster.md).
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **driver_ip_kwargs(address))
+        # Workers get the address too: Ray's own helpers in them (Ray Train's placement-group cleaner asks the state
+        # API) would otherwise guess it and warn "Found multiple active Ray instances" when other clusters run here.
+        if "://" not in address:  # a Ray Client address (ray://) means nothing inside the cluster
+            runtime_env["env_vars"].setdefault("RAY_ADDRESS", address)
+        ray.init(address=address, runtime_env=runtime_env, **quiet, **driver_ip_kwargs(address))
     else:
         # address="local": never attach to whatever /tmp/ray/ray_current_cluster points at (a stale or foreign cluster)
         ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=cfg.include_dashboard,
-                 dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=runtime_env)
+                 dashboard_host="127.0.0.1", runtime_env=runtime_env, _node_ip_address=LOOPBACK_NODE_IP, **quiet)
     return True
+
+
+def session_log_dir() -> str | None:
+    """The log directory of the Ray session this driver is connected to (workers, Serve, raylet); None when unknown
+    (not connected, or a remote cluster's head keeps them)."""
+    import ray
+
+    try:
+        node = ray._private.worker._global_node  # no public accessor in Ray 2.60
+        return node.get_logs_dir_path() if node is not None else None
+    except Exception:  # noqa: BLE001 - another Ray version: say nothing rather than fail the run
+        return None
 
 
 def state_api_available() -> bool:

@@ -9,7 +9,7 @@
 Demo: ``python -m infra.s3 --dir /tmp/s3data [--bucket softmask]`` runs one until Ctrl-C and writes the client
 environment to ``<dir>/s3.env`` (mode 0600; credentials are never printed).
 
-NOTE (../shared/stack-notes.md §7): weed binds to the host address and 0.0.0.0 by default and posts telemetry; the
+NOTE: weed (SeaweedFS) binds to the host address and 0.0.0.0 by default and posts telemetry; the
 flags below bind every component to 127.0.0.1 and turn telemetry, WebDAV, the admin UI, Iceberg and Lance off.
 The credentials must be in weed's *own* environment (AWS_ACCESS_KEY_ID/SECRET): without them pyarrow's multipart
 upload fails with INVALID_ACCESS_KEY_ID. Every port weed opens is chosen free here (http port p, gRPC p+10000 as weed

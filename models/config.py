@@ -11,8 +11,61 @@ def _f(default: Any, doc: str) -> Any:
     return field(default=default, metadata={"doc": doc})
 
 
+class ConfigDict:
+    """Serialisation of the model config dataclasses: ``to_dict`` / ``from_dict`` (unknown keys named) / ``to_json``."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+class TransformerConfig(ConfigDict):
+    """What every transformer config of ours shares (fields vocab_size, mask_token_id, d_model, n_layers, n_heads,
+    max_seq_len, dropout, softmask_k, softmask_init_scale, vocab_pad_multiple): their validation and the derived sizes."""
+
+    def _validate(self, extra: dict[str, bool]) -> None:
+        """[MASK] defaults to the last id; ValueError naming every field whose check (shared + ``extra``) fails."""
+        if self.mask_token_id is None:
+            self.mask_token_id = self.vocab_size - 1
+        checks = {
+            "vocab_size": self.vocab_size >= 2,
+            "mask_token_id": 0 <= self.mask_token_id < self.vocab_size,
+            "d_model": self.d_model > 0 and self.d_model % max(self.n_heads, 1) == 0,
+            "n_heads": self.n_heads > 0 and (self.d_model // self.n_heads) % 2 == 0,
+            "n_layers": self.n_layers > 0,
+            "max_seq_len": self.max_seq_len > 0,
+            "dropout": 0.0 <= self.dropout < 1.0,
+            "softmask_k": self.softmask_k is None or 1 <= self.softmask_k < self.vocab_size,
+            "vocab_pad_multiple": self.vocab_pad_multiple >= 1,
+            "softmask_init_scale": 0.0 < self.softmask_init_scale < 1.0,
+            **extra,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid {type(self).__name__} field(s) {bad}: {self}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and output matrices (>= vocab_size)."""
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(TransformerConfig):
     """Bidirectional transformer diffusion LM. Validated on construction (ValueError naming the field)."""
 
     flavor: str = _f("custom", "name of the flavor this config was built from (informational)")
@@ -35,33 +88,7 @@ class ModelConfig:
                                     "GPU matmuls on their fast kernels); padded ids are never predicted")
 
     def __post_init__(self) -> None:
-        if self.mask_token_id is None:
-            self.mask_token_id = self.vocab_size - 1
-        checks = {
-            "vocab_size": self.vocab_size >= 2,
-            "mask_token_id": 0 <= self.mask_token_id < self.vocab_size,
-            "d_model": self.d_model > 0 and self.d_model % max(self.n_heads, 1) == 0,
-            "n_heads": self.n_heads > 0 and (self.d_model // self.n_heads) % 2 == 0,
-            "n_layers": self.n_layers > 0,
-            "max_seq_len": self.max_seq_len > 0,
-            "dropout": 0.0 <= self.dropout < 1.0,
-            "softmask_k": self.softmask_k is None or 1 <= self.softmask_k < self.vocab_size,
-            "vocab_pad_multiple": self.vocab_pad_multiple >= 1,
-            "softmask_init_scale": 0.0 < self.softmask_init_scale < 1.0,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid ModelConfig field(s) {bad}: {self}")
-
-    @property
-    def padded_vocab_size(self) -> int:
-        """Rows of the embedding and output matrices (>= vocab_size)."""
-        m = self.vocab_pad_multiple
-        return -(-self.vocab_size // m) * m
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        self._validate({})
 
     @classmethod
     def from_flavor(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -71,20 +98,6 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)}")
         return cls(**{**FLAVORS[name], "flavor": name, **overrides})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 # ~1M params with a 1k vocab (CPU tests); ~17M with an 8k vocab (CPU demo); DiT-small of the paper (~169M with GPT-2).

@@ -17,7 +17,6 @@ training stage and the Serve deployment work with it unchanged.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from models.backbone import sparse_embed
+from models.config import ConfigDict
 from models.diffusion_lm import DiffusionLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,13 +36,14 @@ def _f(default: Any, doc: str) -> Any:
 
 
 @dataclass
-class HFDiffusionConfig:
+class HFDiffusionConfig(ConfigDict):
     """Config of an HF-backed diffusion LM (``"backbone": "hf"`` in a checkpoint's config.json)."""
 
     hf_config: dict = _f(None, "transformers config (PretrainedConfig.to_dict()): rebuilds the architecture offline")
     mask_token_id: int = _f(None, "id of [MASK] (the tokenizer's mask token, or a row appended to the embeddings)")
     shift_logits: bool = _f(True, "Dream-style: token i is predicted from position i-1 (checkpoints adapted from AR)")
     softmask_k: int | None = _f(1, "top-k tokens mixed into a still-masked position (paper, code models: 1)")
+    softmask_init_scale: float = _f(1e-6, "initial ω_s of the SM head (paper: 1e-6, SM off at init)")
     max_seq_len: int | None = _f(None, "longest sequence trained / served (None: max_position_embeddings)")
     dtype: str = _f("float32", f"parameter dtype when the model is built: one of {sorted(DTYPES)}")
     attn_implementation: str = _f("sdpa", "transformers attention kernel: sdpa | eager | flash_attention_2")
@@ -64,6 +65,7 @@ class HFDiffusionConfig:
             "mask_token_id": isinstance(self.mask_token_id, int)
                              and 0 <= self.mask_token_id < int((self.hf_config or {}).get("vocab_size") or 0),
             "softmask_k": self.softmask_k is None or 1 <= self.softmask_k,
+            "softmask_init_scale": 0.0 < self.softmask_init_scale < 1.0,
             "max_seq_len": isinstance(self.max_seq_len, int) and self.max_seq_len > 0,
             "dtype": self.dtype in DTYPES,
             "adapters": self.adapters is None or isinstance(self.adapters, dict),
@@ -83,16 +85,6 @@ class HFDiffusionConfig:
 
     time_conditioning = property(lambda self: False, doc="HF backbones take no time input")
     self_conditioning = property(lambda self: False, doc="no self-conditioning projection")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "HFDiffusionConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown HFDiffusionConfig field(s) {sorted(unknown)}")
-        return cls(**d)
 
 
 def make_bidirectional(causal_lm: nn.Module) -> int:

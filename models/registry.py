@@ -5,6 +5,8 @@
 ``models.checkpoint`` dispatches on the ``"backbone"`` field of config.json through this table (absent = ``"core"``,
 so every checkpoint written before the field existed loads exactly as before). A new backbone registers a spec here;
 nothing else branches on its name. Builders import their heavy dependencies (transformers) lazily.
+Registered: ``core`` (our transformer), ``hf`` (a transformers decoder, models.hf_backbone), ``dit`` (MDLM's DiT,
+models.dit).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from models import hf_backbone
+from models import dit, hf_backbone
 from models.config import ModelConfig
 from models.diffusion_lm import build_model
 
@@ -35,12 +37,16 @@ class BackboneSpec:
     state_to_save: Callable[[nn.Module, dict], dict] = _identity_state  # (model, state_dict) -> tensors written
     load_state: Callable[[nn.Module, dict, Any], None] = _strict_load   # (model, tensors, path); ValueError on mismatch
     build_for_load: Callable[[Any], nn.Module] | None = None  # cfg -> model whose weights load_state fills (skips init)
+    # (cfg, partition) -> model whose large modules are built inside ``partition()`` (ZeRO-3 zero.Init) and whose
+    # weights ``model.init_parameters(gather)`` sets; None: the model is built whole (DeepSpeed partitions it later)
+    build_partitioned: Callable[[Any, Any], nn.Module] | None = None
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "core": BackboneSpec(ModelConfig, build_model),
+    "core": BackboneSpec(ModelConfig, build_model, build_partitioned=build_model),
     "hf": BackboneSpec(hf_backbone.HFDiffusionConfig, hf_backbone.build, hf_backbone.state_to_save,
                        hf_backbone.load_state, build_for_load=hf_backbone.build_for_load),
+    "dit": BackboneSpec(dit.DiTConfig, dit.build, build_partitioned=dit.build),
 }
 DEFAULT_BACKBONE = "core"
 

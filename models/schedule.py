@@ -22,6 +22,10 @@ class LogLinear:
         """−α'_t / (1 − α_t)."""
         return 1.0 / t
 
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Total noise σ(t) = −log α_t (MDLM's time input to a time-conditioned network; 0 at t = 0)."""
+        return -torch.log1p(-(1 - self.eps) * t)
+
 
 class Cosine:
     """α_t = ε + (1 − ε)·cos(π t / 2)."""

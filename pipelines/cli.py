@@ -46,6 +46,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "pipelines.commands:cli_preprocess", section="preprocess"),
     Command("hf-import", "a local HF dir / GGUF / packaged model -> softmask checkpoint + tokenizer",
             "pipelines.hf_import:HFImportConfig", "pipelines.hf_import:cli_hf_import", section="hf_import"),
+    Command("mdlm-import", "an MDLM / soft-masking DiT checkpoint (hub dir or Lightning .ckpt) -> softmask checkpoint",
+            "pipelines.mdlm_import:MDLMImportConfig", "pipelines.mdlm_import:cli_mdlm_import", section="mdlm_import"),
     Command("train", "Ray Train + DeepSpeed training", "workers.train_config:TrainConfig",
             "pipelines.commands:cli_train", section="train"),
     Command("eval", "evaluate a checkpoint (ELBO PPL, gen PPL, MAUVE, entropy)", "pipelines.evaluate:EvalConfig",
@@ -153,11 +155,50 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:  # a stage's check of its inputs (checkpoint, manifest, sources)
         if os.environ.get("SOFTMASK_TRACEBACK"):
             raise
-        print(f"softmask {cmd.name}: error: {e} (SOFTMASK_TRACEBACK=1 shows where)", file=sys.stderr)
+        retry = f"; fix it, then rerun: {retry_command(argv)}" if cmd.name == "run" else ""
+        print(f"softmask {cmd.name}: error: {e} (SOFTMASK_TRACEBACK=1 shows where){retry}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # commands that start servers handle signals themselves; this is the rest
         print(f"softmask {cmd.name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a crash: one line here, the whole traceback in a file
+        if os.environ.get("SOFTMASK_TRACEBACK"):
+            raise
+        log = _save_traceback(cmd.name)
+        resume = " (completed stages are skipped)" if cmd.name == "run" else ""
+        print(f"softmask {cmd.name}: failed: {_cause(e)}; traceback in {log}; rerun: {retry_command(argv)}{resume}",
+              file=sys.stderr)
+        return 1
+
+
+def _cause(e: BaseException) -> str:
+    """The exception in one line: its type and the first line of its message (Ray wraps worker tracebacks in it)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def _save_traceback(command: str) -> str:
+    """The current exception's traceback in a file of its own (the console keeps one line); returns its path."""
+    import tempfile
+    import time
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix=f"softmask-{command}-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write(traceback.format_exc())
+    return path
+
+
+def retry_command(argv: list[str]) -> str:
+    """The command that reruns this one, as the user typed it: `make run` under the Makefile's run target."""
+    import shlex
+
+    default = ["run", "--config", "configs/demo_cpu.yaml"]  # the Makefile's `run` recipe (its ARGS follow)
+    if os.environ.get("MAKELEVEL") and argv[:3] == default:
+        extra = shlex.join(argv[3:])
+        return "make run" + (f" ARGS={shlex.quote(extra)}" if extra else "")
+    return shlex.join(["softmask", *argv])
 
 
 if __name__ == "__main__":

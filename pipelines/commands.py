@@ -1,7 +1,6 @@
 """Handlers of the `softmask` subcommands: ``handler(cfg, extras) -> exit code`` (cfg already typed and validated)."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -161,36 +160,6 @@ class ShutdownGuard:
         os._exit(128 + (self.signum or signal.SIGINT))
 
 
-def _print_run_summary(res, cfg, keep_serving: bool) -> None:
-    recs = res.records
-    print("\n=== softmask run finished ===")
-    for stage, rec in recs.items():
-        state = "ran" if rec.get("executed") else "skipped (complete)"
-        print(f"  {stage:<10} {state:<19} {rec.get('dir') or rec.get('url', '')}")
-    dep = recs.get("deploy")
-    if dep:
-        choice = (dep["reply"].get("choices") or [{}])[0]
-        print(f"\nrequest : {json.dumps(dep['request'])}")
-        print(f"reply   : {choice.get('text')!r}")
-        print(f"          (nfe={dep['reply'].get('nfe')}, usage={dep['reply'].get('usage')})")
-    train = recs.get("train", {})
-    print("\nartifacts:")
-    print(f"  dataset      {recs['preprocess'].get('manifest')}")
-    if train:
-        print(f"  checkpoint   {train.get('export')}")
-        print(f"  loss plot    {train.get('plot')}")
-        print(f"  metrics      {train.get('output')}/metrics.jsonl")
-    if "evaluate" in recs:
-        print(f"  eval report  {recs['evaluate'].get('report')}")
-    print(f"  lineage      {res.lineage_uri}")
-    if train:
-        print(f"\nserve the model again:\n  softmask serve --checkpoint {train.get('export')} --port 8000")
-    if dep:
-        print(f"\nendpoint: {dep['url']}/v1/completions" + ("  (kept up: Ctrl-C to stop)" if keep_serving else
-                                                           "  (stopping now; --keep-serving keeps it up)"))
-
-
-
 def _stop_and_restore(cluster, server, env_before: dict) -> None:
     """Stop what a command started (local Ray cluster, Prefect server) and put back the environment it changed."""
     if cluster is not None:
@@ -210,13 +179,19 @@ def cli_main(cfg, extras: dict) -> int:
     import ray
 
     from infra.cluster import LocalRayCluster
-    from infra.ray_runtime import RayConfig, apply_default_env, init_ray
+    from infra.ray_runtime import RayConfig, apply_default_env, init_ray, session_log_dir
     from pipelines.orchestration import PrefectServer
+    from pipelines.run_summary import print_summary
+    from pipelines.serve import check_port
     from pipelines.workflow import forced_stages, preflight, run_workflow
 
+    t0 = time.monotonic()
     apply_default_env()
     forced_stages(extras.get("force"))  # an unknown --force stage, a bad source or init_checkpoint fail here,
     preflight(cfg)                      # before a server or cluster starts
+    starts_cluster = "deploy" in cfg.stages and not (cfg.deploy.address or os.environ.get("RAY_ADDRESS"))
+    if starts_cluster:  # the deployment's HTTP port, on the cluster this command starts
+        check_port(cfg.serve.host, cfg.serve.port, "serve.port")
     cluster = server = None
     completed = interrupted = False
     env_before = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "PREFECT_API_URL")}
@@ -230,7 +205,7 @@ def cli_main(cfg, extras: dict) -> int:
                 print("starting a Prefect API server (127.0.0.1) for the run history ...", flush=True)
                 server.launch()  # it starts while the Ray cluster starts
             address = cfg.deploy.address or os.environ.get("RAY_ADDRESS")
-            if not address and "deploy" in cfg.stages:
+            if starts_cluster:
                 cluster = LocalRayCluster(num_cpus=cfg.deploy.cluster_cpus or os.cpu_count())
                 guard.kill_on_timeout(lambda: [n["pgid"] for n in cluster.nodes])
                 print("starting a local Ray cluster (loopback) for the workflow and the deployment ...", flush=True)
@@ -240,9 +215,11 @@ def cli_main(cfg, extras: dict) -> int:
             if address:
                 os.environ["RAY_ADDRESS"] = address
             init_ray(RayConfig(address=address))
+            logs = {"Ray": session_log_dir(), "cluster": cluster.nodes[0]["log"] if cluster and cluster.nodes else None}
             res = run_workflow(cfg, extras.get("force") or [], check_inputs=False)  # preflight ran above
             completed = True
-            _print_run_summary(res, cfg, extras.get("keep_serving", False))
+            print_summary(res, keep_serving=extras.get("keep_serving", False), took_s=time.monotonic() - t0,
+                          logs=logs, serve_port=cfg.serve.port)
             if extras.get("keep_serving") and "deploy" in res.records:
                 _wait_for_signal()
         except BaseException as e:  # noqa: BLE001 - a signal may surface as any exception (see ShutdownGuard)
@@ -251,7 +228,8 @@ def cli_main(cfg, extras: dict) -> int:
             interrupted = True
         finally:
             guard.begin_shutdown()
-            if "deploy" in cfg.stages and not (interrupted and cluster is not None):
+            # only through the connection this command made: serve.shutdown() without one starts a Ray of its own
+            if "deploy" in cfg.stages and ray.is_initialized() and not (interrupted and cluster is not None):
                 try:
                     from ray import serve
 
@@ -384,7 +362,7 @@ def cli_schedule(cfg, extras: dict) -> int:
     """`softmask schedule`: register the workflow as a Prefect deployment with a cron schedule and serve it (blocks
     until Ctrl-C/SIGTERM; the schedule is then paused). Starts, unless given, a Prefect server with the UI (and a
     local Ray cluster when the workflow deploys, so the endpoint outlives each run); stops them on exit."""
-    from pipelines.orchestration import PrefectServer, cron_schedule, prefect_api, register_schedule
+    from pipelines.orchestration import PrefectServer, cron_schedule, prefect_api, prefect_env, register_schedule
 
     cron, tz = extras["cron"], extras.get("timezone") or "UTC"
     problem = schedule_preflight(cfg)
@@ -427,7 +405,10 @@ def cli_schedule(cfg, extras: dict) -> int:
             with prefect_api(api):
                 from prefect import serve
 
-                _, deployment = register_schedule(cfg, cron, name, tz)
+                prefect_env()
+                from pipelines.scheduled import softmask_scheduled  # imports prefect: after prefect_env()
+
+                _, deployment = register_schedule(softmask_scheduled, cfg, cron, name, tz)
                 deployment_id = deployment.apply()  # registered (and visible in the API/UI) before we say so
                 ui = api.removesuffix("/api")
                 print(f"schedule {cron!r} ({tz}) registered as 'softmask-scheduled/{name}' (id {deployment_id}) on "

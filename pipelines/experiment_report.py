@@ -23,6 +23,19 @@ OPEN_OMEGA_S = 0.1  # an SM head counts as open when its final ω_s is at least 
 
 
 # ------------------------------------------------------------------------------------------------ records
+def _rel(path: str | None) -> str | None:
+    """A local path under the working directory as a relative one (the report names places in the repository),
+    also when it was recorded through a symlinked folder of it (e.g. ``artifacts`` on another disk)."""
+    if not path or "://" in path:
+        return path
+    p, cwd = Path(path).resolve(), Path.cwd()
+    roots = [(cwd.resolve(), Path())] + [(e.resolve(), Path(e.name)) for e in cwd.iterdir() if e.is_symlink()]
+    for root, name in sorted(roots, key=lambda r: -len(str(r[0]))):
+        if p.is_relative_to(root):
+            return str(name / p.relative_to(root))
+    return path
+
+
 def arm(cell: dict) -> str:
     """The group a run belongs to: objective and budget (warm starts carry their initial ω_s)."""
     if cell["budget"] == "warm":
@@ -43,7 +56,7 @@ def record(rec: dict) -> dict:
     out = {"name": rec["name"], "arm": arm(c), "objective": c["objective"], "budget": c["budget"], "seed": c["seed"],
            "steps": c["steps"], "init_omega_s": c.get("init_omega_s") or None,
            "gate_open": head.get("gate_open"), "share_h_below_0.75": head.get("share_h_below_0.75"),
-           "metrics": metrics, "train_s": rec.get("train_s"), "export": rec["export"]}
+           "metrics": metrics, "train_s": rec.get("train_s"), "export": _rel(rec["export"])}
     if c["objective"] == "sm":
         out.update({k: head.get(k) for k in ("omega_s", "omega_a", "omega_b")})
         out["omega_grad"] = rec.get("omega_grad")
@@ -186,9 +199,9 @@ def _setup(summary: dict) -> list[str]:
         f"SM lr {cfg['train'].get('objective', {}).get('sm_lr')}, p_sm {summary['p_sm']}, "
         f"k {mc.get('softmask_k')}, batch {cfg['train'].get('global_batch')} × {ds['seq_len']} tokens",
         f"- data: {ds['train_rows']:,} train rows / {ds['validation_rows']:,} validation rows of {ds['seq_len']} tokens "
-        f"({ds['train_tokens']:,} train tokens); tokenizer `{ds['tokenizer']}`, vocab {ds['vocab_size']}",
+        f"({ds['train_tokens']:,} train tokens); tokenizer `{_rel(ds['tokenizer'])}`, vocab {ds['vocab_size']}",
         f"- model: flavor `{mc.get('flavor')}`, d_model {mc.get('d_model')}, {mc.get('n_layers')} layers, "
-        f"{mc.get('n_heads')} heads",
+        f"{mc.get('n_heads')} heads, {summary.get('model_params', 0) / 1e6:.2f}M parameters",
         "- extra training FLOPs per step vs one-pass (measured): "
         + ", ".join(f"{k} {v:.3f}" for k, v in summary["extra_flop_fraction"].items()),
         f"- evaluation: validation ELBO on {ecfg.get('val_rows')} rows × {ecfg.get('elbo_draws')} draws; "
@@ -198,7 +211,7 @@ def _setup(summary: dict) -> list[str]:
         f"{ev.get('description', '?')}; held-out text scores gen-PPL {ref.get('gen_ppl', float('nan')):.1f}, "
         f"entropy {ref.get('entropy', float('nan')):.3f}",
         f"- hardware: {hw.get('gpu') or hw.get('processor')}, {hw.get('cpus')} CPUs, torch {hw.get('torch')}, load "
-        f"average at start {hw.get('load_avg_at_start', '?')}; date {hw.get('date', '?')}; wall "
+        f"average at start {float(hw.get('load_avg_at_start', float('nan'))):.1f}; date {hw.get('date', '?')}; wall "
         f"{summary['wall_s'] / 60:.0f} min for this invocation (cached runs and evaluations are not redone)", ""]
 
 
@@ -224,6 +237,20 @@ def _head_section(records: list[dict]) -> list[str]:
     opened = [r for r in paper if r["omega_s"] >= OPEN_OMEGA_S]
     L += ["", f"**Head status:** {len(opened)} of {len(paper)} SM continuations from the paper's init ended with "
               f"ω_s ≥ {OPEN_OMEGA_S} (final ω_s " + ", ".join(f"{r['omega_s']:.2g}" for r in paper) + ").", ""]
+    grads = [r["omega_grad"] for r in sm if r.get("omega_grad")]
+    if grads:
+        L.append(f"**ω_s gradient:** |mean| / (std / √n) over held-out batches is "
+                 + ", ".join(f"{abs(g['snr']):.2f}" for g in grads)
+                 + " for the runs above (≥ 2 would be a push the noise does not explain; the sign of the mean: "
+                 + ", ".join("closing" if g["mean"] > 0 else "opening" for g in grads) + ").")
+        L.append("")
+    for init in sorted({r["init_omega_s"] for r in sm if r["init_omega_s"]}):
+        warm = [r["omega_s"] for r in sm if r["init_omega_s"] == init]
+        m = sum(warm) / len(warm)
+        L.append(f"**Warm start at ω_s = {init:g}:** final ω_s " + ", ".join(f"{w:.3g}" for w in warm)
+                 + f" (mean {m:.3g}): the loss " + ("kept the head open and widened it" if m > init else
+                                                     "let the head close part of the way") + ".")
+        L.append("")
     return L
 
 
@@ -264,8 +291,12 @@ def markdown(summary: dict, records: list[dict], figs: list[str]) -> str:
     L += ["## Verdict: each arm against the binary continuation", "",
           "| arm | metric | arm mean | binary mean | difference | spread | verdict |", "|---|---|---:|---:|---|---|---|"]
     metrics = ["val_ppl_two_pass", "val_ppl"] + [f"{m}@nfe{n}" for n in nfes for m in ("gen_ppl", "mauve", "entropy")]
-    for a in arms[1:]:
-        L += [line for line in (verdict(g, a, m) for m in metrics) if line]
+    lines = [line for a in arms[1:] for line in (verdict(g, a, m) for m in metrics) if line]
+    beyond = [ln.split(" | ")[0][2:] + " " + ln.split(" | ")[1] + " (" + ln.split(" | ")[4] + ")"
+              for ln in lines if "beyond seed spread" in ln]
+    L[-2:-2] = [f"Beyond seed spread: {len(beyond)} of {len(lines)} comparisons"
+                + (": " + "; ".join(beyond) if beyond else "") + ".", ""]
+    L += lines
     L += ["", "A 'better' within seed spread is not evidence either way. The evaluator is not the paper's GPT-2 Large "
           "and the model is small, so the absolute numbers are not comparable with the paper's.", ""]
     return "\n".join(L)
@@ -277,6 +308,6 @@ def write_results(summary: dict, md_path: str) -> None:
     stem = Path(md_path).with_suffix("")
     figs = plots(summary, records, stem) if summary["cells"] else []
     doc = {"name": summary["name"], "command": summary["config"].get("command"), "hardware": summary["hardware"],
-           "dataset": summary["dataset"], "model_config": summary["model_config"], "runs": records}
+           "dataset": {**summary["dataset"], "tokenizer": _rel(summary["dataset"].get("tokenizer"))}, "model_config": summary["model_config"], "runs": records}
     atomic_write(stem.with_suffix(".json"), json.dumps(doc, indent=1, default=float))
     atomic_write(md_path, markdown(summary, records, figs))

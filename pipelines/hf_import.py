@@ -194,7 +194,7 @@ class HFImportResult:
 
 
 # ------------------------------------------------------------------------------------------------ source resolution
-def _hash_files(files: list[Path], root: Path, mode: str) -> str:
+def hash_files(files: list[Path], root: Path, mode: str) -> str:
     h = hashlib.sha256()
     for f in files:
         st = f.stat()
@@ -230,12 +230,12 @@ def source_fingerprint(cfg: HFImportConfig) -> tuple[str, str]:
         return kind, PACKAGED_MODELS[cfg.source].fingerprint()
     path = Path(cfg.source).expanduser().resolve()
     if kind == "gguf":
-        return kind, "gguf-" + _hash_files([path], path.parent, cfg.fingerprint)
+        return kind, "gguf-" + hash_files([path], path.parent, cfg.fingerprint)
     names = ["config.json", *TOKENIZER_FILES, "model.safetensors.index.json"]
     files = sorted({*(path / n for n in names if (path / n).is_file()), *path.glob("*.safetensors")})
     require(any(f.suffix == ".safetensors" for f in files), "source",
             f"{path}: no *.safetensors weights (convert .bin checkpoints to safetensors first)")
-    return kind, f"dir-{cfg.fingerprint}-" + _hash_files(files, path, cfg.fingerprint)
+    return kind, f"dir-{cfg.fingerprint}-" + hash_files(files, path, cfg.fingerprint)
 
 
 def import_key(cfg: HFImportConfig, fingerprint: str) -> str:
@@ -284,7 +284,7 @@ def _load(cfg: HFImportConfig, kind: str):
     return model, tok
 
 
-def _write_atomic(out: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(out: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` into a fresh temp dir beside ``out``, then rename it to ``out`` (replacing an old one)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent)) / "ckpt"
@@ -331,7 +331,7 @@ def run(cfg: HFImportConfig) -> HFImportResult:
         tok.save(tmp)
         (tmp / IMPORT_RECORD).write_text(json.dumps({**record, "config": to_dict(cfg)}, indent=2, sort_keys=True))
 
-    _write_atomic(out, write)
+    write_atomic(out, write)
     seconds = time.monotonic() - t0
     log.info("hf import: %s (%s, %.1fM params, vocab %d, [MASK]=%d) -> %s in %.1fs", cfg.source, kind, params / 1e6,
              model.config.vocab_size, tok.mask_id, out, seconds)

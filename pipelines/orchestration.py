@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from infra.net import free_port
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
@@ -60,29 +61,31 @@ def drain_prefect(timeout: float = 10.0) -> None:
         pass
 
 
-def run_with_prefect(cfg, forced: set[str]):
-    """Run the workflow as a Prefect flow in this process: on the server at PREFECT_API_URL when set (`softmask run`
-    starts one of its own), else on Prefect's temporary local server."""
+def prefect_task(stage: str, fn, key_fn, refresh: bool):
+    """A stage function as a Prefect task whose cache key is the stage's input key (``key_fn()``): a completed stage
+    replays its stored JSON record; ``refresh`` recomputes it."""
+    from prefect import task
+
+    return task(fn, name=stage, cache_key_fn=lambda ctx, params: f"softmask-{stage}-{key_fn()}",
+                persist_result=True, result_serializer="json", refresh_cache=refresh, retries=0)
+
+
+def run_with_prefect(name: str, body):
+    """``body(prefect_task)`` inside a Prefect flow called ``name``, in this process: on the server at
+    PREFECT_API_URL when set (`softmask run` starts one of its own), else on Prefect's temporary local server. The
+    caller's ``body`` wraps each stage with the task factory it is given; this module knows no stages."""
     prefect_env()
     with prefect_api(os.environ.get("PREFECT_API_URL")):
         from prefect import flow
 
-        from pipelines.workflow import _prefect_task, execute
-
-        @flow(name=cfg.name, log_prints=True, validate_parameters=False)
+        @flow(name=name, log_prints=True, validate_parameters=False)
         def softmask_workflow():
-            return execute(cfg, forced, _prefect_task)
+            return body(prefect_task)
 
         try:
             return softmask_workflow()
         finally:
             drain_prefect()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Exec a command with PR_SET_PDEATHSIG=SIGTERM (Linux): it is stopped even if the process that started it dies without
@@ -98,7 +101,7 @@ class PrefectServer:
     services unless ``services=False``), stopped by us; it also dies with the process that started it."""
 
     def __init__(self, port: int = 0, ui: bool = True, services: bool = True):
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.ui = ui
         self.services = services
         self.proc: subprocess.Popen | None = None
@@ -197,21 +200,20 @@ def cron_schedule(cron: str, timezone: str):
                          f"{str(err['msg']).removeprefix('Value error, ')}") from None
 
 
-def register_schedule(cfg, cron: str, name: str, timezone: str = "UTC"):
-    """The deployment of the scheduled workflow (a cron schedule in ``timezone``); `prefect.serve` registers it on
-    the current Prefect API and runs its flow runs. Returns (flow, deployment)."""
+def register_schedule(flow, cfg, cron: str, name: str, timezone: str = "UTC"):
+    """The deployment of the scheduled workflow ``flow`` (pipelines.scheduled.softmask_scheduled) on a cron schedule
+    in ``timezone``; `prefect.serve` registers it on the current Prefect API and runs its flow runs. Returns
+    (flow, deployment)."""
     from infra.config import to_dict
 
     prefect_env()
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
-    from pipelines.scheduled import softmask_scheduled
-
     cron_schedule(cron, timezone)
-    deployment = softmask_scheduled.to_deployment(
+    deployment = flow.to_deployment(
         name=name, schedules=[Cron(cron, timezone=timezone)], parameters={"config": to_dict(cfg)},
         entrypoint_type=EntrypointType.MODULE_PATH,  # pipelines.scheduled.softmask_scheduled: any working directory
         description=f"softmask workflow {cfg.name!r} on cron {cron!r} ({timezone}); run root {cfg.run_root}",
         tags=["softmask"])
-    return softmask_scheduled, deployment
+    return flow, deployment

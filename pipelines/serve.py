@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import signal
 import socket
@@ -22,8 +23,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from infra.config import field, require
-from workers.serving import ServeConfig, as_serve_config, build_app
+from infra.config import ConfigError, field, require
+from infra.net import free_port
+from workers.serving import build_app
+from workers.serving_config import ServeConfig, as_serve_config, check_model
 
 
 @dataclass
@@ -81,13 +84,6 @@ class ServeResult:
         return f"curl -s {self.completions_url} -H 'Content-Type: application/json' -d '{body}'"
 
 
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _existing_serve_port() -> int | None:
     """HTTP port of a Serve instance already running on the connected cluster, else None."""
     from ray.serve import context
@@ -97,6 +93,18 @@ def _existing_serve_port() -> int | None:
     except Exception:  # noqa: BLE001 - private API: treat any failure as "no Serve yet"
         return None
     return None if client is None else int(client.http_config.port)
+
+
+def _serve_controller_running() -> bool:
+    """Whether the connected cluster runs a Serve controller (also when this driver holds no client for it)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
 
 
 def _wait_healthy(url: str, timeout_s: float) -> None:
@@ -112,24 +120,69 @@ def _wait_healthy(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout_s}s (last error: {last})")
 
 
+def check_port(host: str, port: int, name: str = "port") -> None:
+    """ConfigError naming ``name`` when ``host:port`` cannot be bound here (another process listens on it)."""
+    if not port:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # what the HTTP server does: TIME_WAIT is no clash
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"{name}: {host}:{port} is not free ({e.strerror}); choose another port (0 = any free "
+                              f"one) or stop what listens there") from None
+
+
+def _cluster(cfg: ServeStageConfig) -> str | None:
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    return None if address in (None, "", "local") else address
+
+
+def _on_this_host(address: str | None) -> bool:
+    """Whether Serve's HTTP proxy (on the head node) listens on this host: a Ray started here or a loopback cluster."""
+    host = (address or "127.0.0.1").split("://")[-1].rsplit(":", 1)[0]
+    return host == "localhost" or _is_loopback(host)
+
+
+def preflight(cfg: ServeStageConfig) -> None:
+    """Everything that can be checked before Ray or Serve starts: the checkpoint is there and readable, its tokenizer
+    fits the model, and the HTTP port is free when this command starts the Ray that will bind it. ConfigError names
+    the field."""
+    import ray
+
+    check_model(as_serve_config(cfg))
+    if _cluster(cfg) is None and not ray.is_initialized():  # a Ray of this process may already serve on that port
+        check_port(cfg.host, cfg.port)
+
+
 def run(cfg: ServeStageConfig) -> ServeResult:
     """Start (or join) Ray and Serve, deploy the app, wait until /healthz answers; returns where it runs.
 
-    A failure after Ray/Serve were started here shuts them down again before re-raising.
+    :func:`preflight` runs first, so a bad input starts nothing. A failure after Ray/Serve were started here shuts
+    them down again before re-raising.
     """
     from ray import serve
 
     from infra.ray_runtime import RayConfig, init_ray
 
+    preflight(cfg)
+    # Serve's driver-side INFO lines (started, connecting, ready) belong in its logs; the caller reports the outcome
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     app_cfg = as_serve_config(cfg)
-    app = build_app(app_cfg)  # validates the checkpoint path before anything starts
+    app = build_app(app_cfg)
     ray_started = init_ray(RayConfig(address=cfg.address, num_cpus=cfg.ray_num_cpus))
     serve_started = False
     try:
         port = _existing_serve_port()
-        serve_started = port is None
+        serve_started = port is None and not _serve_controller_running()
+        if port is None and not serve_started:  # Serve runs, its port unknown to this driver: the configured one
+            port = cfg.port or None
+            require(port is not None, "port", "Serve already runs on this cluster: give the port it listens on")
         if serve_started:
-            port = cfg.port or _free_port(cfg.host)
+            if _on_this_host(_cluster(cfg)):  # a joined cluster on this host: is the port still free?
+                check_port(cfg.host, cfg.port)
+            port = cfg.port or free_port(cfg.host)
             serve.start(http_options={"host": cfg.host, "port": port,
                                       "request_timeout_s": cfg.http_timeout_s or cfg.request_timeout_s + 10.0})
         host = "127.0.0.1" if cfg.host == "localhost" else cfg.host

@@ -97,17 +97,23 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan):
     )
 
 
-def zero3_memory_estimate(cfg: TrainConfig, plan: RunPlan) -> dict:
-    """DeepSpeed's ZeRO-3 model-state estimate for this run (parameters counted on the meta device: no memory, no
-    weights read), the world taken as one node of ``scaling.num_workers`` ranks."""
+def zero_memory_estimate(cfg: TrainConfig, plan: RunPlan) -> dict | None:
+    """DeepSpeed's model-state memory estimate for this run under its ZeRO stage (2 or 3; None for 0 and 1, which
+    DeepSpeed has no estimator for), parameters counted on the meta device (no memory, no weights read), the world
+    taken as one node of ``scaling.num_workers`` ranks."""
     import torch
 
-    from infra.deepspeed import estimate_zero3_memory
+    from infra.deepspeed import estimate_zero2_memory, estimate_zero3_memory
     from models.registry import build_from_config, config_from_dict
 
+    stage = cfg.deepspeed.zero_stage
+    if stage not in (2, 3):
+        return None
     with torch.device("meta"):
         model = build_from_config(config_from_dict(plan.model_config, plan.backbone))
     n_params = sum(p.numel() for p in model.parameters())
+    if stage == 2:
+        return estimate_zero2_memory(n_params, cfg.scaling.num_workers, 1, cfg.deepspeed.offload_optimizer)
     largest = max(p.numel() for p in model.parameters())
     return estimate_zero3_memory(n_params, cfg.scaling.num_workers, 1, cfg.deepspeed.offload_optimizer,
                                  largest_layer_params=largest)
@@ -146,8 +152,9 @@ def run(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     t0 = time.perf_counter()
     cfg = _absolute_local_paths(cfg)
     plan = preflight(cfg)
-    if cfg.deepspeed.zero_stage == 3:
-        print(f"softmask train: {zero3_memory_estimate(cfg, plan)['summary']}", file=sys.stderr, flush=True)
+    estimate = zero_memory_estimate(cfg, plan)
+    if estimate is not None:
+        print(f"softmask train: {estimate['summary']}", file=sys.stderr, flush=True)
     init_ray(accelerator="gpu" if cfg.scaling.use_gpu else "cpu")
     if not ray.is_initialized():  # pragma: no cover - init_ray either starts or joins Ray
         raise RuntimeError("Ray did not start")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass, replace
@@ -83,6 +84,13 @@ class WorkflowResult:
     @property
     def executed(self) -> dict[str, bool]:
         return {s: r.get("executed", False) for s, r in self.records.items()}
+
+
+def say(line: str) -> None:
+    """One progress line on the console. Written to stdout directly: inside a Prefect flow ``print`` becomes a run log
+    record, which the console does not show."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 # ------------------------------------------------------------------------------------------------ stage bodies
@@ -213,25 +221,23 @@ def run_deploy(cfg: WorkflowConfig, model: dict) -> dict:
     STAGE_RUNS["deploy"] += 1
     scfg = replace(cfg.serve, checkpoint=model["export"],
                    address=cfg.deploy.address or os.environ.get("RAY_ADDRESS") or cfg.serve.address)
-    res = serve_stage.run(scfg)
+    try:
+        res = serve_stage.run(scfg)  # its preflight: checkpoint, tokenizer against the model, port
+    except ConfigError as e:
+        raise ConfigError(f"serve.{e}") from None
     body = {"model": res.model, "prompt": cfg.deploy.prompt, "max_tokens": cfg.deploy.max_tokens,
             "steps": cfg.deploy.steps, "seed": cfg.deploy.seed}
     req = urllib.request.Request(res.completions_url, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=300) as r:
         reply = json.loads(r.read())
-    return {"stage": "deploy", "url": res.url, "model": res.model, "request": body, "reply": reply,
+    with urllib.request.urlopen(f"{res.url}/v1/models", timeout=60) as r:  # what is served, its SM head included
+        card = json.loads(r.read())["data"][0]
+    return {"stage": "deploy", "url": res.url, "model": res.model, "model_card": card, "request": body, "reply": reply,
             "curl": res.example_curl(), "checkpoint": model["export"], "executed": True, "_serve_result": res}
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
-def _prefect_task(stage: str, fn: Callable[..., dict], key_fn: Callable[..., str], refresh: bool):
-    from prefect import task
-
-    return task(fn, name=stage, cache_key_fn=lambda ctx, params: f"softmask-{stage}-{key_fn()}",
-                persist_result=True, result_serializer="json", refresh_cache=refresh, retries=0)
-
-
 def preflight(cfg: WorkflowConfig, sources: bool = True) -> None:
     """The input checks that need no upstream output, before anything starts: an input that would fail a later stage
     (a missing init_checkpoint) must not wait for preprocessing to finish first. Raises ConfigError naming the field.
@@ -285,7 +291,7 @@ def run_workflow(cfg: WorkflowConfig, force: list[str] | None = None, *,
     if cfg.use_prefect:
         from pipelines.orchestration import run_with_prefect
 
-        return run_with_prefect(cfg, forced)
+        return run_with_prefect(cfg.name, lambda task: execute(cfg, forced, task))
     return execute(cfg, forced, lambda stage, fn, key_fn, refresh: fn)
 
 
@@ -296,8 +302,14 @@ def execute(cfg: WorkflowConfig, forced: set[str], wrap) -> WorkflowResult:
     def call(stage, fn, key_fn, *args):
         marker_ok = _marker_matches(cfg.run_root, stage, key_fn())
         before = STAGE_RUNS[stage]
+        t0 = time.monotonic()
+        if stage in forced or not marker_ok:
+            say(f"[{stage}] started")
         rec = wrap(stage, fn, key_fn, stage in forced or not marker_ok)(*args, force=stage in forced)
-        return {**rec, "executed": STAGE_RUNS[stage] > before}  # a Prefect cache hit replays the stored record
+        rec = {**rec, "executed": STAGE_RUNS[stage] > before}  # a Prefect cache hit replays the stored record
+        say(f"[{stage}] " + (f"done in {time.monotonic() - t0:.0f} s" if rec["executed"] else "skipped: complete")
+            + f" -> {rec.get('dir')}")
+        return rec
 
     pre_key = lambda: plan_preprocess(cfg)[0]  # noqa: E731
     records["preprocess"] = call("preprocess", _task_preprocess, pre_key, cfg)
@@ -313,7 +325,10 @@ def execute(cfg: WorkflowConfig, forced: set[str], wrap) -> WorkflowResult:
                                                                                       "infra"))
     result = WorkflowResult(run_id=run_id, lineage_uri="", records=records)
     if "deploy" in cfg.stages:
+        t0 = time.monotonic()
+        say("[deploy] started: Ray Serve, then one request")
         records["deploy"] = run_deploy(cfg, records["train"])
+        say(f"[deploy] done in {time.monotonic() - t0:.0f} s -> {records['deploy']['url']}")
         result.reply = records["deploy"]["reply"]
     result.lineage_uri = lineage.write_lineage(cfg.run_root, run_id, {
         "run_id": run_id, "config": to_dict(cfg),

@@ -15,13 +15,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from infra.net import free_port  # noqa: F401  (test_schedule_ui imports it from here)
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli_env(prefect_home: Path, **extra: str) -> dict:

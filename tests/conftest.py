@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
+
 
 # One auth mode for the whole test process, fixed before anything imports ray: Ray reads RAY_AUTH_MODE on the client
 # side at import but passes the environment to the GCS it starts, so a later change would make a local Ray reject its
@@ -14,12 +14,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

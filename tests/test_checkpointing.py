@@ -124,7 +124,7 @@ RESTORE_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_restore_brings_back_engine_and_ema_and_refuses_incomplete_checkpoints():
-    from conftest import free_port
+    from infra.net import free_port
 
     port = str(free_port())
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",

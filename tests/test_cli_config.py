@@ -16,6 +16,7 @@ RECIPES = {
     "finetune_sft.yaml": "train", "finetune_dream7b_sm.yaml": "train", "pretrain_owt_small.yaml": "run",
     "adapt_smollm2_cpu.yaml": "train", "finetune_qwen_coder_sm.yaml": "train",
     "preprocess_code_qwen.yaml": "preprocess",
+    "continue_mdlm_owt_sm.yaml": "run", "continue_mdlm_owt_binary.yaml": "run",
     "serve_debug.yaml": "serve",
     "experiment_micro.yaml": "experiment", "sm_vs_binary.yaml": "experiment",
 }
@@ -98,20 +99,104 @@ def test_main_exit_codes_and_help(capsys):
 def test_stage_input_errors_are_one_line_before_anything_starts(monkeypatch, capsys, argv, message):
     """A bad input that only a stage can see (a file, a checkpoint) ends the real entry point with exit 2 and one
     line naming the field, without a traceback and before a Ray cluster, Ray or a Prefect server starts."""
+    monkeypatch.chdir(ROOT)
+    _fails_cleanly(monkeypatch, capsys, argv, message)
+
+
+def _fails_cleanly(monkeypatch, capsys, argv: list[str], message: str, within_s: float = 30.0) -> None:
+    """`softmask ARGV` (the real entry point, in this process) exits 2 within seconds with one stderr line holding
+    ``message``, no traceback, and started nothing: no Ray, no child process (Prefect server, Ray cluster)."""
+    import time
+
     import psutil
     import ray
 
-    monkeypatch.chdir(ROOT)
     monkeypatch.delenv("SOFTMASK_TRACEBACK", raising=False)
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     was_initialized = ray.is_initialized()
+    t0 = time.monotonic()
     assert cli.main(argv) == 2
+    took = time.monotonic() - t0
     out = capsys.readouterr()
     assert out.err.startswith(f"softmask {argv[0]}: ") and message in out.err, out.err
     assert out.err.count("\n") == 1 and "Traceback" not in out.err, out.err
     assert ray.is_initialized() == was_initialized
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+    assert took < within_s, took  # the replica used to fail three times, then a 20-line traceback after a minute
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A debug checkpoint + its tokenizer, and broken variants of it (each one defect)."""
+    import shutil
+
+    import torch
+
+    import models
+    from models.tokenizer import train_bpe
+
+    root = tmp_path_factory.mktemp("ckpts")
+    tok = train_bpe(["To be, or not to be, that is the question."] * 8, 300)
+
+    def write(name: str, mask_id: int) -> pathlib.Path:
+        torch.manual_seed(0)
+        model = models.build_model(models.ModelConfig.from_flavor("debug", vocab_size=tok.vocab_size,
+                                                                  mask_token_id=mask_id))
+        models.save_pretrained(model, root / name)
+        tok.save(root / name)
+        return root / name
+
+    good = write("good", tok.mask_id)
+    write("other-mask", tok.pad_id)
+    shutil.copytree(good, root / "no-tokenizer")
+    (root / "no-tokenizer" / "tokenizer.json").unlink()
+    shutil.copytree(good, root / "truncated")
+    weights = root / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return root
+
+
+def _listening() -> "socket.socket":
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no-tokenizer", "error: tokenizer: {root}/no-tokenizer has no tokenizer.json; set the `tokenizer` field"),
+    ("vocab", "error: tokenizer: gpt2 has 50258 tokens, more than the model's vocab_size"),
+    ("mask", "error: tokenizer: the [MASK] id of {root}/other-mask/tokenizer.json is 1, the model's mask_token_id "
+             "is 2"),
+    ("weights", "error: checkpoint: {root}/truncated/model.safetensors is not a readable safetensors file"),
+    ("port", "error: port: 127.0.0.1:{port} is not free"),
+    ("run-port", "error: serve.port: 127.0.0.1:{port} is not free"),
+])
+def test_serve_preflight_one_line_before_anything_starts(monkeypatch, capsys, checkpoints, tmp_path, case, message):
+    """`softmask serve` (and the deploy stage of `softmask run`) check the checkpoint, its tokenizer against the
+    model (vocabulary size, [MASK] id) and the HTTP port before Ray or Serve starts."""
+    busy = _listening()
+    port = busy.getsockname()[1]
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 50)
+    argv = {
+        "no-tokenizer": ["serve", "--checkpoint", f"{checkpoints}/no-tokenizer"],
+        "vocab": ["serve", "--checkpoint", f"{checkpoints}/good", "--tokenizer", "gpt2"],
+        "mask": ["serve", "--checkpoint", f"{checkpoints}/other-mask"],
+        "weights": ["serve", "--checkpoint", f"{checkpoints}/truncated"],
+        "port": ["serve", "--checkpoint", f"{checkpoints}/good", "--port", str(port)],
+        "run-port": ["run", "--config", str(ROOT / "configs/debug_cpu.yaml"), f"--run-root={tmp_path}/run",
+                     f"--tokenizer.sources=[{text}]", f"--preprocess.sources=[{{path: {text}}}]",
+                     f"--serve.port={port}"],
+    }[case]
+    try:
+        _fails_cleanly(monkeypatch, capsys, argv, message.format(root=checkpoints, port=port))
+    finally:
+        busy.close()
 
 
 def test_bare_on_off_reach_literal_fields_as_words(tmp_path):

@@ -42,8 +42,8 @@ def test_ctrl_c_during_train_stops_everything_and_rerun_resumes(tmp_path):
     try:
         cli.wait_for(r"starting a Prefect API server", timeout=60)
         cli.wait_for(r"starting a local Ray cluster", timeout=60)
-        cli.wait_for(r"Started training worker group", timeout=400)  # the train stage is running
-        snapshot = _wait_for_registered_checkpoint(run_root, timeout=120)
+        cli.wait_for(r"\[train\] started", timeout=400)  # the train stage is running
+        snapshot = _wait_for_registered_checkpoint(run_root, timeout=400)  # Ray Train starts, then step 2
         t_train = time.monotonic() - cli.t0
         cli.track()
         assert any("raylet" in cmd for cmd in cli.seen_pids.values()), cli.seen_pids

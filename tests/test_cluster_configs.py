@@ -37,7 +37,7 @@ def test_kuberay_manifests_reference_real_entry_points():
 
     builder = getattr(importlib.import_module(module), attr)
     assert callable(builder)
-    from workers.serving import ServeConfig
+    from workers.serving_config import ServeConfig
     from infra.config import from_dict
 
     assert from_dict(ServeConfig, app["args"]).max_replicas == 8

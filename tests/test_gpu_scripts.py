@@ -31,8 +31,8 @@ def test_gpu_finetune_code_script_toy_run(tmp_path):
 
 
 def test_gpu_train_sweep_script_toy_run_keeps_going_past_a_failed_run(tmp_path):
-    """benchmarks/gpu_train_sweep.sh (the device training sweep) at toy size on CPU: one JSON line per run, a run that
-    fails is recorded as failed and the next one still runs."""
+    """benchmarks/gpu_train_sweep.sh (the one-GPU training sweep) at toy size on CPU: one JSON line per run, a run
+    that fails is recorded as failed and the next one still runs; each run reports MFU by both conventions."""
     result = tmp_path / "sweep.jsonl"
     env = {**os.environ, "TOY": "1", "RESULT": str(result), "PYTHON": sys.executable,
            "SWEEP": "bad:2:--objective,nonsense "
@@ -48,4 +48,21 @@ def test_gpu_train_sweep_script_toy_run_keeps_going_past_a_failed_run(tmp_path):
     assert ok["fused_adam"] is True  # the fused AdamW (auto on CUDA) steps under ZeRO-2 (here its CPU kernel)
     assert ok["steps_timed"] == 3
     assert ok["tokens_per_s"] > 0 and math.isfinite(ok["final_loss"])
+    assert 0 < ok["masked_fraction"] < 1 and 0 < ok["mfu_palm"] < ok["mfu_6N"]
     assert "== bad" in (tmp_path / "sweep.err").read_text()
+
+
+def test_recorded_runs_get_the_palm_mfu():
+    """The PaLM-convention MFU of a recorded H200 run (small flavor: 162.3M parameters of which 77.3M are the input
+    embedding and the output layer, 12 layers, d_model 768, seq 1024, padded vocabulary 50304): 6 x non-embedding
+    parameters + 12 x layers x d_model x seq_len + the output layer on the masked half of the rows, per token."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_train import recompute_mfu
+
+    rows = {r["name"]: r for r in recompute_mfu([str(REPO / "docs/gpu_runs/2026-11-28/train_sweep_2.jsonl")])}
+    best = rows["bin-m64-closs"]
+    by_hand = (6 * (162_286_083 - 2 * 50_304 * 768) + 12 * 12 * 768 * 1024 + 6 * 768 * 50_304 * 0.5)
+    assert math.isclose(best["mfu_palm"], by_hand * 453_009.028 / 989e12, rel_tol=1e-6)
+    assert round(best["mfu_palm"], 3) == 0.339 and round(best["mfu_6N"], 3) == 0.446  # the recorded 6N figure
+    sm = rows["sm-m64-closs"]  # two-pass steps (80 %) also run a forward without gradients
+    assert sm["mfu_palm"] < sm["mfu_palm_with_pass1"] < sm["mfu_with_pass1"]

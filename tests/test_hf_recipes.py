@@ -80,14 +80,14 @@ def test_training_stage_estimate_counts_the_real_model():
     """The pre-launch ZeRO-3 estimate counts parameters on the meta device: same count as the built model."""
     from infra.config import from_dict
     from models import ModelConfig, build_model
-    from pipelines.train import zero3_memory_estimate
+    from pipelines.train import zero_memory_estimate
     from workers.train_config import RunPlan, TrainConfig
 
     mcfg = ModelConfig.from_flavor("debug")
     cfg = from_dict(TrainConfig, {"data": {"manifest": "unused"}, "deepspeed": {"zero_stage": 3}})
     plan = RunPlan(model_config=mcfg.to_dict(), seq_len=64, data_mode="pretrain", train_uris=[], val_uris=[],
                    init_objective="", resume_step=0)
-    est = zero3_memory_estimate(cfg, plan)
+    est = zero_memory_estimate(cfg, plan)
     model = build_model(mcfg)
     assert est["n_params"] == sum(p.numel() for p in model.parameters())
     assert est["largest_layer_params"] == max(p.numel() for p in model.parameters())
@@ -95,7 +95,7 @@ def test_training_stage_estimate_counts_the_real_model():
 
 
 def test_qwen_coder_recipes_load_as_typed_configs():
-    """The small code recipes (issue 8): SM DoRA fine-tune of the imported Qwen2.5-Coder with ZeRO-3 on 2 CPU workers,
+    """The small code recipes: SM DoRA fine-tune of the imported Qwen2.5-Coder with ZeRO-3 on 2 CPU workers,
     on the stdlib code corpus tokenized with the model's own tokenizer."""
     from infra.config import from_dict, load_config
     from pipelines.preprocess import PreprocessConfig

@@ -103,7 +103,7 @@ def test_loss_mask_scores_only_response():
 def test_debug_model_overfits_one_batch(kind):
     torch.manual_seed(0)
     model = models.build_model(models.ModelConfig.from_flavor("debug", self_conditioning=kind == "self_cond"))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # 3e-3 plateaus on some thread counts
     x0 = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
     obj = ObjectiveConfig(kind=kind, p_sm=1.0)
     losses = []

@@ -216,14 +216,6 @@ def test_transparency_none_is_the_default_and_bad_names_are_rejected(model):
         SamplerConfig(transparency="cosine")
 
 
-def test_serving_api_names_every_algorithm_and_transparency_schedule():
-    from models.sampling import TRANSPARENCY
-    from workers import serving_api
-
-    assert serving_api.TRANSPARENCY == tuple(TRANSPARENCY)
-    assert sorted(serving_api.ALGORITHMS) == sorted(ALGORITHMS)
-
-
 def test_remdm_loop_phases(model):
     """ReMDM-loop on the grid 1 -> t_eps: up to t_on it only reveals, reaching ~1 - alpha_on decoded; between t_on and
     t_off the masked share stays ~1 - alpha_on while decoded tokens are remasked and refined; then it finishes."""

@@ -118,10 +118,55 @@ def test_health_models_openapi(server):
     assert get(f"{server.url}/healthz") == (200, {"status": "ok", "model": "debug"})
     status, models_list = get(f"{server.url}/v1/models")
     assert status == 200 and models_list["data"][0]["id"] == "debug" and models_list["data"][0]["max_seq_len"] == 256
+    head = models_list["data"][0]["soft_mask"]  # the served SM head, as write_checkpoint set it
+    assert abs(head["omega_s"] - 0.8808) < 1e-3 and abs(head["omega_b"] + 10.0) < 1e-3 and head["k"] == 3, head
     _, spec = get(f"{server.url}/openapi.json")
     assert {"/v1/completions", "/v1/models", "/healthz"} <= set(spec["paths"])
     props = spec["components"]["schemas"]["CompletionRequest"]["properties"]
     assert {"prompt", "max_tokens", "steps", "algorithm", "soft_mask", "block_length", "stream"} <= set(props)
+
+    def member(name: str, kind: str) -> dict:
+        return next(m for m in [props[name], *props[name].get("anyOf", [])] if m.get("type") == kind)
+
+    # the schema states what the server enforces, the configured bounds included
+    assert member("max_tokens", "integer")["maximum"] == 200 and member("n", "integer")["maximum"] == 4
+    assert member("steps", "integer")["maximum"] == 1024
+    assert (member("prompt", "array")["minItems"], member("prompt", "array")["maxItems"]) == (1, 3)  # max_prompts
+    assert "minLength" not in member("prompt", "string")  # "" is unconditional generation
+    assert member("stop", "string")["minLength"] == 1 and member("stop", "array")["maxItems"] == 2  # max_stop
+    assert member("model", "string")["enum"] == ["debug"]
+
+
+def test_every_schema_edge_is_answered_as_the_schema_says(server):
+    """Each field of /openapi.json's CompletionRequest on and just past every bound it states, over real HTTP: the
+    schema-valid requests are served (200), the others refused with a 4xx naming that field."""
+    from schema_edges import edge_requests
+
+    _, spec = get(f"{server.url}/openapi.json")
+    cases = edge_requests(spec, "CompletionRequest", {"prompt": "To be", "max_tokens": 4, "steps": 2, "seed": 0})
+    wrong = []
+    for name, body, valid in cases:
+        req = urllib.request.Request(server.completions_url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                status, raw = r.status, r.read()  # the whole body: JSON, or the events of a stream
+        except urllib.error.HTTPError as e:
+            status, raw = e.code, e.read()
+        param = json.loads(raw)["error"]["param"] if status >= 400 else None
+        if (status == 200) != valid or (not valid and not (400 <= status < 500 and param == name)):
+            wrong.append((name, body, valid, status, raw[:300]))
+    assert not wrong, wrong
+
+
+def test_empty_prompt_is_unconditional_generation(server):
+    body = {"prompt": "", "max_tokens": 16, "steps": 8, "seed": 2}
+    status, out, _ = post(server.completions_url, body)
+    assert status == 200, out
+    assert out["usage"]["prompt_tokens"] == 0 and out["choices"][0]["text"]
+    assert out["usage"]["completion_tokens"] == 16 or out["choices"][0]["finish_reason"] == "stop"
+    status, out, _ = post(server.completions_url, {**body, "prompt": ["", "To be"]})
+    assert status == 200 and len(out["choices"]) == 2 and all(c["text"] for c in out["choices"]), out
 
 
 def test_completion_is_deterministic_with_seed(server):
@@ -173,14 +218,17 @@ def test_request_limits_name_the_field_and_the_limit_itself_is_served(server):
 def test_soft_mask_on_and_off_both_serve(server):
     base = {"prompt": ["To be, or not to be", "Now is the winter"], "n": 2, "max_tokens": 24, "steps": 12,
             "seed": 3, "algorithm": "confidence"}
-    outs = {}
+    outs, fed = {}, {}
     for sm in (True, False):
         status, out, _ = post(server.completions_url, {**base, "soft_mask": sm})
         assert status == 200, out
         assert out["soft_mask"] is sm and len(out["choices"]) == 4 and out["batch_rows"] == 4
         assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
         outs[sm] = [c["text"] for c in out["choices"]]
+        fed[sm] = out["sm_feedback"]
     assert outs[True] != outs[False]  # same seed, different feedback -> different samples
+    # the head opened wide (write_checkpoint): λ ≈ ω_s ≈ 0.88 wherever it fed, every gate open; no feedback when off
+    assert fed[False] is None and 0.8 < fed[True]["lambda_mean"] <= 0.881 and fed[True]["gate_open"] == 1.0, fed
     status, out, _ = post(server.completions_url, {**base, "soft_mask": True, "transparency": "stepwise"})
     assert status == 200 and len(out["choices"]) == 4 and out["transparency"] == "stepwise", out
     assert [c["text"] for c in out["choices"]] != outs[True]  # the schedule reached the sampler
@@ -219,7 +267,6 @@ def test_concurrent_requests_share_a_batch(server):
 
 
 MALFORMED = [
-    ({"prompt": ""}, 422, "prompt"),
     ({"prompt": []}, 422, "prompt"),
     ({"prompt": 5}, 422, "prompt"),
     ({"max_tokens": 8}, 422, "prompt"),
@@ -237,7 +284,9 @@ MALFORMED = [
     ({"prompt": "a", "transparency": "cosine"}, 422, "transparency"),
     ({"prompt": "a", "seed": -3}, 422, "seed"),
     ({"prompt": "a", "stop": [""]}, 422, "stop"),
-    ({"prompt": "a", "max_tokens": 8, "block_length": 16}, 422, "block_length"),
+    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
+    ({"prompt": ["a"] * 17}, 422, "prompt"),
+    ({"prompt": "a", "block_length": 201}, 422, "block_length"),
     ({"prompt": "a", "frequency_penalty": 1}, 422, "frequency_penalty"),
     ({"prompt": "a", "model": "gpt-4"}, 404, "model"),
     (b"{not json", 400, "body"),
@@ -258,7 +307,8 @@ def test_malformed_requests_get_4xx_naming_the_field(server, body, status, param
 def test_timeout_and_overload_leave_the_replicas_serving(server):
     """Slow requests fill both replicas (2 x 8 ongoing) until their 6 s timeout; a burst on top of the 24 queue slots
     is refused with 503 at once; the timed-out decodes are aborted and the replicas serve again."""
-    slow = {"prompt": "To be", "max_tokens": 200, "steps": 1024, "seed": 5}  # seeded: each decodes on its own
+    # seeded: each decodes on its own; ReMDM remasks every step, so no step is skipped by the unchanged-input cache
+    slow = {"prompt": "To be", "max_tokens": 200, "steps": 1024, "seed": 5, "algorithm": "remdm_cap"}
     light = {"prompt": "To be", "steps": 8, "max_tokens": 16}
     with ThreadPoolExecutor(16 + 48) as pool:
         t0 = time.monotonic()

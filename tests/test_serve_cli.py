@@ -1,5 +1,5 @@
-"""CLI contract of the serving stage: serve_forever in a subprocess starts its own Ray, serves, and on SIGINT shuts
-everything it started down and exits 0 with no orphaned processes."""
+"""CLI contract of the serving stage: serve_forever in a subprocess starts its own Ray (on a loopback node address),
+serves, and on SIGINT shuts everything it started down and exits 0 with no orphaned processes."""
 from __future__ import annotations
 
 import os
@@ -57,7 +57,10 @@ def test_cli_contract_sigint_exits_zero_without_orphans(tmp_path):
         status, out, _ = post(f"{url}/v1/completions", {"prompt": "To be", "max_tokens": 8, "steps": 4})
         assert status == 200 and out["model"] == "softmask-debug"
         children = _descendants(proc.pid)
-        assert any("raylet" in " ".join(c.cmdline()) for c in children if c.is_running())
+        raylets = [" ".join(c.cmdline()) for c in children if c.is_running() and "raylet" in " ".join(c.cmdline())]
+        assert raylets
+        # the Ray it started binds loopback, not the host's routable interface
+        assert all("--node_ip_address=127.0.0.2" in cmd for cmd in raylets), raylets
         proc.send_signal(signal.SIGINT)
         assert proc.wait(90) == 0, "".join(lines[-40:])
     finally:

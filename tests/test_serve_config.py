@@ -9,7 +9,8 @@ from pydantic import ValidationError
 
 from infra.config import ConfigError, field_docs, from_dict, load_config
 from pipelines.serve import ServeStageConfig
-from workers.serving import ServeConfig, request_payload, resolve_checkpoint
+from workers.serving import request_payload
+from workers.serving_config import ServeConfig, resolve_checkpoint
 from workers.serving_api import ApiError, CompletionRequest, check_bounds, validation_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def test_config_errors_name_the_field(override, field, monkeypatch):
 
 
 def test_schema_errors_map_to_status_and_field():
-    cases = [({"prompt": ""}, 422, "prompt"), ({"prompt": ["a", " "]}, 422, "prompt"), ({}, 422, "prompt"),
+    cases = [({"prompt": []}, 422, "prompt"), ({"prompt": ["a", 5]}, 422, "prompt"), ({}, 422, "prompt"),
              ({"prompt": "a", "temperature": 3}, 422, "temperature"), ({"prompt": "a", "top_p": 0}, 422, "top_p"),
              ({"prompt": "a", "algorithm": "beam"}, 422, "algorithm"), ({"prompt": "a", "x": 1}, 422, "x"),
              ({"prompt": "a", "stop": [""]}, 422, "stop"), ({"prompt": "a", "seed": -1}, 422, "seed")]
@@ -74,8 +75,42 @@ def test_bounds_and_defaults():
     p = request_payload(CompletionRequest(prompt=["a", "b"], soft_mask=True, stop="\n"), cfg, "id")
     assert p["prompts"] == ["a", "b"] and p["steps"] == 32 and p["soft_mask"] is True and p["stop"] == ["\n"]
     assert request_payload(CompletionRequest(prompt="a"), cfg, "id")["soft_mask"] is False
-    with pytest.raises(ApiError, match="block_length"):
-        request_payload(CompletionRequest(prompt="a", max_tokens=8, block_length=16), cfg, "id")
+    with pytest.raises(ApiError) as info:
+        check_bounds(CompletionRequest(prompt="a", block_length=65), cfg.limits())
+    assert info.value.param == "block_length"
+    # a block longer than the completion: one block; as long: semi-AR blocks of that length
+    assert request_payload(CompletionRequest(prompt="a", max_tokens=8, block_length=16), cfg, "id")["block_length"] \
+        is None
+    assert request_payload(CompletionRequest(prompt="a", max_tokens=8, block_length=8), cfg, "id")["block_length"] == 8
+    p = request_payload(CompletionRequest(prompt=["", "To be"]), cfg, "id")  # "" = unconditional generation
+    assert p["prompts"] == ["", "To be"]
+
+
+def test_the_served_schema_states_what_the_server_enforces():
+    """Every field on and just past each bound of the OpenAPI schema the app publishes (configured bounds and the
+    served model name written in): schema-valid bodies pass the ingress's checks, the others fail naming that field."""
+    from types import SimpleNamespace
+
+    from schema_edges import edge_requests
+    from workers.serving import build_fastapi
+
+    cfg = ServeConfig(checkpoint="/x/ckpt", model_name="m", max_tokens_limit=64, max_steps=100, max_n=2,
+                      max_prompts=3, max_stop=2)
+    spec = build_fastapi(SimpleNamespace(cfg=cfg)).openapi()
+    cases = edge_requests(spec, "CompletionRequest", {"prompt": "a", "max_tokens": 8})
+    assert len(cases) > 60 and sum(valid for *_, valid in cases) > 30
+    for name, body, valid in cases:
+        try:
+            req = CompletionRequest.model_validate(body)
+            check_bounds(req, cfg.limits())
+            request_payload(req, cfg, "id")
+            error = None
+        except ValidationError as e:
+            error = validation_error(e.errors())
+        except ApiError as e:
+            error = e
+        assert (error is None) == valid, (name, body, error and error.body())
+        assert error is None or (400 <= error.status < 500 and error.param == name), (name, body, error.body())
 
 
 def test_local_checkpoint_must_exist(tmp_path):

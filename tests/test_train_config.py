@@ -20,7 +20,7 @@ BYTE_TOKENIZER = {"spec": "bytes", "sha256": "", "vocab_size": 259, "eos_id": 25
 
 
 def write_dataset(root: str, *, seq_len: int = 64, n_train: int = 64, n_val: int = 16, sft: bool = False,
-                  source: str = "textwrap.py", shards: int = 2) -> str:
+                  source: str = "textwrap.py", shards: int = 2, tokenizer: dict | None = None) -> str:
     """A tiny dataset in the preprocessing layout: bytes of a real stdlib source file as token ids (0..255).
 
     sft: the first half of every row is the prompt (loss_mask 0), the second half the response (loss_mask 1).
@@ -45,7 +45,7 @@ def write_dataset(root: str, *, seq_len: int = 64, n_train: int = 64, n_val: int
             sha = write_parquet_atomic(pa.table(cols), join_uri(root, rel))
             infos.append(ShardInfo(path=rel, rows=len(part), tokens=len(part) * seq_len, sha256=sha))
         splits[split] = infos
-    DatasetManifest(mode="sft" if sft else "pretrain", seq_len=seq_len, tokenizer=dict(BYTE_TOKENIZER),
+    DatasetManifest(mode="sft" if sft else "pretrain", seq_len=seq_len, tokenizer=dict(tokenizer or BYTE_TOKENIZER),
                     splits=splits, config_hash="test").save(root)
     return root
 

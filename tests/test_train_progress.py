@@ -10,7 +10,9 @@ def test_format_train_val_setup_lines():
     train = {"step": 7, "kind": "train", "attempt": 0, "loss": 3.14159, "lr": 3e-4, "grad_norm": 1.234,
              "tokens_per_s": 12345.6, "lambda_mean": 0.0123}
     assert format_record(train, 120) == ("train step   7/120  loss 3.1416  lr 3.00e-04  grad_norm 1.234  "
-                                         "12,346 tok/s  lambda 0.0123")
+                                         "12,346 tok/s  λ 0.0123")
+    head = {**train, "omega_s": 0.25, "gate_open": 0.5}  # the SM head's state, logged every step
+    assert format_record(head, 120).endswith("12,346 tok/s  ω_s 0.25  λ 0.0123  gate-open 0.500")
     assert format_record({"step": 120, "kind": "val", "val_ppl": 54.321, "val_ppl_two_pass": 50.0}, 120) == \
         "val   step 120/120  val_ppl 54.32  val_ppl_two_pass 50.00"
     assert format_record({"step": 0, "kind": "setup", "attempt": 0, "world": 2.0, "setup_s": 9.26}, 20) == \

@@ -192,16 +192,20 @@ def init_from_export(model, uri: str, keep_sm_head: bool, gather=None) -> dict:
     sd = src.state_dict()
     if not keep_sm_head:
         sd = {k: v for k, v in sd.items() if not is_sm_param(k)}
-    own = model.state_dict()
-    sd = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
-    missing = [k for k in own if k not in sd and not is_sm_param(k) and not k.startswith("sc_proj.")]
-    if missing:
-        raise ValueError(f"init_checkpoint {uri} lacks backbone weights {missing[:5]}")
+
+    def load() -> None:
+        own = model.state_dict()  # whole shapes: under ZeRO-3 this runs with the partitions gathered
+        matched = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+        missing = [k for k in own if k not in matched and not is_sm_param(k) and not k.startswith("sc_proj.")]
+        if missing:
+            raise ValueError(f"init_checkpoint {uri} lacks backbone weights {missing[:5]}")
+        model.load_state_dict(matched, strict=False)
+
     if gather is None:
-        model.load_state_dict(sd, strict=False)
+        load()
     else:  # ZeRO-3 partitioned model: gathered whole while loading (rank 0's copy is broadcast on exit)
         with gather(list(model.parameters())):
-            model.load_state_dict(sd, strict=False)
+            load()
     return dict(getattr(src, "checkpoint_metadata", {}) or {})
 
 

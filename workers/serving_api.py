@@ -7,24 +7,30 @@ Status codes (all JSON bodies ``{"error": {"message", "type", "param", "code"}}`
   400  malformed JSON, or a request the model cannot serve (prompt + max_tokens beyond the context, sampler refusal)
   404  unknown ``model``
   413  body larger than ``max_body_bytes``, or a prompt longer than ``max_prompt_tokens``
-  422  wrong type / out-of-range field (schema), or beyond a configured bound (max_tokens, steps, n, prompts)
+  422  wrong type / out-of-range field: the app's OpenAPI schema states every bound, the configured ones included
+       (max_tokens, steps, n, block_length, prompts, stop strings)
   503  the sampler queue is full (back-pressure) or no replica is available
   504  the request ran past ``request_timeout_s``
 """
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-# Sampling algorithms of models.sampling (the sampler replica checks this list against the real registry at startup).
-ALGORITHMS = ("ancestral", "entropy", "confidence", "margin", "remdm_cap", "remdm_loop")  # models.sampling's
-Algorithm = Literal["ancestral", "entropy", "confidence", "margin", "remdm_cap", "remdm_loop"]
-TRANSPARENCY = ("none", "linear", "stepwise")  # models.sampling.TRANSPARENCY (kept import-free of torch here)
-Transparency = Literal["none", "linear", "stepwise"]
+# the one list of names (torch-free), also the API's types
+from models.names import ALGORITHMS, TRANSPARENCY, Algorithm, Transparency  # noqa: F401  (ALGORITHMS re-exported)
 
-MAX_SEED = 2**63 - 1
+# the largest integer a JSON number holds exactly (an IEEE double): the schema, JavaScript clients and the seed the
+# server draws and returns all agree on it
+MAX_SEED = 2**53 - 1
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+# Request fields bounded by the server's configuration (ServeConfig): (JSON-schema keyword, limits key). The OpenAPI
+# schema carries the configured bound (schema_limits) and check_bounds enforces it, from this one table.
+CONFIGURED_BOUNDS = {"max_tokens": ("maximum", "max_tokens_limit"), "steps": ("maximum", "max_steps"),
+                     "n": ("maximum", "max_n"), "block_length": ("maximum", "max_tokens_limit"),
+                     "prompt": ("maxItems", "max_prompts"), "stop": ("maxItems", "max_stop")}
 
 
 class CompletionRequest(BaseModel):
@@ -35,9 +41,14 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=False)
 
-    model: str | None = Field(None, description="served model name (GET /v1/models); None = the served model")
-    prompt: Union[str, list[str]] = Field(..., description="prompt text, or a list of prompts (one completion each)")
-    max_tokens: int | None = Field(None, ge=1, description="completion length in tokens (the diffusion canvas size)")
+    model: str | None = Field(None, description="served model name (GET /v1/models; 404 for another); None = the "
+                                                "served model")
+    prompt: Union[str, Annotated[list[str], Field(min_length=1)]] = Field(
+        ..., description="prompt text, or a list of prompts (one completion each); an empty prompt asks for "
+                         "unconditional generation. A prompt longer than the server's max_prompt_tokens gets 413")
+    max_tokens: int | None = Field(None, ge=1, description="completion length in tokens (the diffusion canvas size); "
+                                                           "the prompt's tokens + max_tokens must fit the model's "
+                                                           "max_seq_len (GET /v1/models), else 400")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="sampling temperature; 0 = greedy")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus sampling mass")
     n: int = Field(1, ge=1, description="completions per prompt")
@@ -45,14 +56,14 @@ class CompletionRequest(BaseModel):
                                                                    "(returned in the response)")
     stream: bool = Field(False, description="server-sent events: one event per denoising step (or block), then the "
                                             "final text")
-    stop: Union[str, list[str], None] = Field(None, description="stop string(s): the completion is cut before the "
-                                                                "first occurrence")
+    stop: Union[NonEmptyStr, list[NonEmptyStr], None] = Field(None, description="stop string(s): the completion is "
+                                                                            "cut before the first occurrence")
     user: str | None = Field(None, description="OpenAI end-user id; accepted and ignored")
     # --- diffusion extensions
     steps: int | None = Field(None, ge=1, description="denoising steps (NFE budget)")
     algorithm: Algorithm | None = Field(None, description=f"unmasking order: one of {list(ALGORITHMS)}")
-    block_length: int | None = Field(None, ge=1, description="semi-autoregressive block size in tokens; None = one "
-                                                             "block")
+    block_length: int | None = Field(None, ge=1, description="semi-autoregressive block size in tokens; None, or "
+                                                             "one over max_tokens = one block")
     soft_mask: bool | None = Field(None, description="feed the previous step's top-k prediction into masked "
                                                      "positions (soft-masking); false = binary masking")
     transparency: Transparency | None = Field(None, description="soft-masking transparency schedule: none, linear "
@@ -61,25 +72,6 @@ class CompletionRequest(BaseModel):
                                                                 "the server default")
     return_trajectory: bool = Field(False, description="include the partial text of every recorded step in each "
                                                        "choice")
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_empty(cls, v: Any) -> Any:
-        prompts = [v] if isinstance(v, str) else v
-        if not prompts:
-            raise ValueError("must contain at least one prompt")
-        for i, p in enumerate(prompts):
-            if not p.strip():
-                raise ValueError(f"prompt {i} is empty")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_not_empty(cls, v: Any) -> Any:
-        stops = [v] if isinstance(v, str) else (v or [])
-        if any(s == "" for s in stops):
-            raise ValueError("stop strings must be non-empty")
-        return v
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -103,6 +95,13 @@ class CompletionChoice(BaseModel):
                                                              "placeholder) of the recorded steps")
 
 
+class SoftMaskFeedback(BaseModel):
+    lambda_mean: float = Field(..., description="mean λ (the weight of the fed-back top-k mixture) over every masked "
+                                                "position the decode fed")
+    gate_open: float = Field(..., description="share of those positions whose SM gate was open (>= 0.5): prediction "
+                                              "entropy below −ω_b")
+
+
 class CompletionResponse(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
@@ -116,10 +115,21 @@ class CompletionResponse(BaseModel):
     steps: int
     algorithm: str
     soft_mask: bool
+    sm_feedback: SoftMaskFeedback | None = Field(None, description="what soft-masking did in this batch's decode; null "
+                                                                   "when no feedback ran (soft_mask false, or a "
+                                                                   "self-conditioning model)")
     transparency: str = Field("none", description="soft-masking transparency schedule used")
     seed: int | None = Field(None, description="seed that reproduces this response (sent back as `seed`); null when "
                                              "the request shared its decode with others")
     length: int = Field(..., description="decoded canvas length (prompt + completion, rounded up to a bucket)")
+
+
+class SoftMaskState(BaseModel):
+    omega_s: float = Field(..., description="ω_s: the largest λ the head gives (≈1e-6 at initialisation: no feedback)")
+    omega_a: float = Field(..., description="ω_a: steepness of the gate in the prediction's negative entropy")
+    omega_b: float = Field(..., description="ω_b: the gate opens where the prediction's entropy is below −ω_b nats")
+    k: int | None = Field(..., description="top-k tokens mixed into a masked position (None: the whole vocabulary)")
+    temperature: float | None = Field(None, description="learned mixing temperature (k = None only)")
 
 
 class ModelCard(BaseModel):
@@ -130,6 +140,8 @@ class ModelCard(BaseModel):
     max_seq_len: int
     vocab_size: int
     flavor: str
+    soft_mask: SoftMaskState | None = Field(None, description="the served model's soft-masking head; null for a "
+                                                              "self-conditioning model")
 
 
 class ModelList(BaseModel):
@@ -160,10 +172,13 @@ class ApiError(Exception):
 
 def validation_error(errors: list[dict]) -> ApiError:
     """Map pydantic/FastAPI validation errors to one ApiError naming the first bad field (400 for bad JSON)."""
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "value_error"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    # Union members add their type name to loc (e.g. prompt.str / prompt.list[str]); keep the field path only.
-    loc = [p for p in loc if p not in ("str", "list[str]", "int", "float", "bool", "none")]
+    # a union reports one error per member; the member that had the right type says what is wrong with the value
+    first = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), None) or (errors[0] if errors
+                                                                                                 else None)
+    first = first or {"loc": (), "msg": "invalid request", "type": "value_error"}
+    # Union members add their type to loc (prompt.str, stop.list[constrained-str].0); keep the field names only.
+    loc = [p for p in first.get("loc", ()) if isinstance(p, str) and p.isidentifier() and p != "body"
+           and p not in ("str", "int", "float", "bool", "none")]
     param = ".".join(loc) or "body"
     if first.get("type") == "json_invalid":
         return ApiError(400, "body", f"invalid JSON ({first.get('msg', '')})", "json_invalid")
@@ -175,23 +190,37 @@ def validation_error(errors: list[dict]) -> ApiError:
 
 
 def check_bounds(req: CompletionRequest, limits: dict) -> None:
-    """Configured bounds (``ServeConfig``) that the static schema cannot know; raises ApiError(422) naming the field.
+    """Configured bounds (``ServeConfig``) and the served model name, as the app's OpenAPI schema states them
+    (schema_limits); raises ApiError (422, or 404 for the model) naming the field.
 
     ``limits`` keys: max_tokens_limit, max_steps, max_n, max_prompts, max_stop, served model name ``model_name``.
     """
     if req.model is not None and req.model != limits["model_name"]:
         raise ApiError(404, "model", f"model {req.model!r} is not served here (served: {limits['model_name']!r})",
                        "model_not_found")
-    bounds = [("max_tokens", req.max_tokens, limits["max_tokens_limit"]), ("steps", req.steps, limits["max_steps"]),
-              ("n", req.n, limits["max_n"]), ("prompt", len(req.prompts()), limits["max_prompts"]),
-              ("stop", len(req.stops()), limits["max_stop"])]
-    for name, value, bound in bounds:
+    values = {"max_tokens": req.max_tokens, "steps": req.steps, "n": req.n, "block_length": req.block_length,
+              "prompt": len(req.prompts()), "stop": len(req.stops())}
+    for name, (_, key) in CONFIGURED_BOUNDS.items():
+        value, bound = values[name], limits[key]
         if value is not None and value > bound:
             what = "number of prompts" if name == "prompt" else ("number of stop strings" if name == "stop" else "value")
             raise ApiError(422, name, f"{what} {value} exceeds the server limit {bound}", "limit_exceeded")
-    if req.block_length is not None and req.max_tokens is not None and req.block_length > req.max_tokens:
-        raise ApiError(422, "block_length", f"{req.block_length} is larger than max_tokens={req.max_tokens}",
-                       "invalid_value")
+
+
+def schema_limits(request_schema: dict, limits: dict) -> None:
+    """Write what check_bounds enforces into the OpenAPI schema of CompletionRequest, in place: the configured bounds
+    (CONFIGURED_BOUNDS; an integer field gets its ``maximum``, a list field or the list member of a union its
+    ``maxItems``) and the served model name (the ``enum`` of ``model``)."""
+    props = request_schema["properties"]
+
+    def members(name: str, kind: str) -> list[dict]:
+        return [node for node in [props[name], *props[name].get("anyOf", [])] if node.get("type") == kind]
+
+    for name, (keyword, key) in CONFIGURED_BOUNDS.items():
+        for node in members(name, "integer" if keyword == "maximum" else "array"):
+            node[keyword] = limits[key]
+    for node in members("model", "string"):
+        node["enum"] = [limits["model_name"]]
 
 
 def sse(data: dict | str) -> bytes:

@@ -84,8 +84,7 @@ class SamplerDeployment:
         import models
         from models.sampling import ALGORITHMS as MODEL_ALGORITHMS
         from models.sampling import SamplerConfig, sample
-        from models.tokenizer import load_tokenizer
-        from workers.serving import as_serve_config, resolve_checkpoint
+        from workers.serving_config import as_serve_config, check_model
 
         self.cfg = as_serve_config(cfg)
         missing = set(ALGORITHMS) - set(MODEL_ALGORITHMS)
@@ -93,19 +92,11 @@ class SamplerDeployment:
             raise ValueError(f"models.sampling lacks the advertised algorithm(s) {sorted(missing)}")
         if self.cfg.torch_threads:
             torch.set_num_threads(self.cfg.torch_threads)
-        ckpt = resolve_checkpoint(self.cfg.checkpoint, self.cfg.cache_dir)
+        ckpt, mcfg, self.tok = check_model(self.cfg)
         use_cuda = self.cfg.device == "cuda" or (self.cfg.device == "auto" and self.cfg.num_gpus > 0
                                                  and torch.cuda.is_available())
         self.device = torch.device("cuda" if use_cuda else "cpu")
         self.model = models.load_pretrained(ckpt).to(self.device).eval()
-        spec = self.cfg.tokenizer or str(ckpt / "tokenizer.json")
-        if self.cfg.tokenizer is None and not (ckpt / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"tokenizer: {ckpt} has no tokenizer.json; set the `tokenizer` field")
-        self.tok = load_tokenizer(spec)
-        mcfg = self.model.config
-        if self.tok.vocab_size > mcfg.vocab_size or self.tok.mask_id != mcfg.mask_token_id:
-            raise ValueError(f"tokenizer {spec} (vocab {self.tok.vocab_size}, mask {self.tok.mask_id}) does not match "
-                             f"the model (vocab {mcfg.vocab_size}, mask {mcfg.mask_token_id})")
         self._sample, self._sampler_config = sample, SamplerConfig
         self._sampler_fields = {f.name for f in dataclasses.fields(SamplerConfig)}
         self._torch = torch
@@ -117,8 +108,15 @@ class SamplerDeployment:
         self._scheduler: asyncio.Task | None = None
         self._info = {"id": self.cfg.served_name, "object": "model", "created": int(time.time()),
                       "owned_by": "softmask", "max_seq_len": mcfg.max_seq_len, "vocab_size": mcfg.vocab_size,
-                      "flavor": mcfg.flavor}
+                      "flavor": mcfg.flavor, "soft_mask": self._soft_mask_state()}
         self.stats = {"intake_batches": 0, "decodes": 0, "requests": 0, "max_batch_size": 0, "decode_s": 0.0}
+
+    def _soft_mask_state(self) -> dict | None:
+        """The served model's SM head: ω_s (largest λ), ω_a (steepness), ω_b (entropy threshold of the gate), k; None
+        for a self-conditioning model (it has no soft-mask feedback)."""
+        if getattr(self.model, "sc_proj", None) is not None:
+            return None
+        return {**self.model.sm_head.values(), "k": self.model.sm_head.k}
 
     # ----------------------------------------------------------------------------------------------- public API
     async def describe(self) -> dict:
@@ -169,7 +167,8 @@ class SamplerDeployment:
 
     # ------------------------------------------------------------------------------------------------ internals
     def _prepare(self, p: dict) -> _Job:
-        """Tokenize and check one request against the model; raises ApiError naming the field."""
+        """Tokenize and check one request against the model; raises ApiError naming the field. An empty prompt fixes
+        no position: the whole canvas is generated (unconditional generation)."""
         if p["algorithm"] not in ALGORITHMS:
             raise ApiError(422, "algorithm", f"unknown algorithm {p['algorithm']!r}")
         prompt_ids = self.tok.encode_batch(p["prompts"])
@@ -177,8 +176,6 @@ class SamplerDeployment:
         if longest > self.cfg.max_prompt_tokens:
             raise ApiError(413, "prompt", f"{longest} tokens exceeds max_prompt_tokens={self.cfg.max_prompt_tokens}",
                            "prompt_too_long")
-        if min(len(ids) for ids in prompt_ids) == 0:
-            raise ApiError(422, "prompt", "a prompt encodes to zero tokens", "empty_prompt")
         ctx = self.model.config.max_seq_len
         need = longest + p["max_tokens"]
         if need > ctx:
@@ -285,7 +282,7 @@ class SamplerDeployment:
             if updates:
                 yield updates
         try:
-            tokens, nfe = future.result()
+            tokens, nfe, sm_feedback = future.result()
         except _Aborted:
             err = ApiError(504, None, f"request timed out after {p0['timeout_s']}s", "timeout")
             yield {j: {"type": "error", "error": err.to_dict()} for j in range(len(jobs))}
@@ -318,14 +315,15 @@ class SamplerDeployment:
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens},
                 "nfe": nfe, "batch_size": len(jobs), "batch_rows": len(rows), "steps": p0["steps"],
-                "algorithm": p0["algorithm"], "soft_mask": p0["soft_mask"],
+                "algorithm": p0["algorithm"], "soft_mask": p0["soft_mask"], "sm_feedback": sm_feedback,
                 "transparency": p0["transparency"], "length": length,
                 # the seed reproduces this response only when the request was decoded on its own
                 "seed": seed if len(jobs) == 1 else None}}
         yield finals
 
     def _sample_blocking(self, scfg: dict, rows: list[list[int]], length: int, seed: int, on_step):
-        """Runs in the sampler thread: one sample() call -> ((N, L) token lists, nfe)."""
+        """Runs in the sampler thread: one sample() call -> ((N, L) token lists, nfe, what soft-masking did: None when
+        no feedback ran, else {"lambda_mean", "gate_open"} over every position it fed)."""
         t0 = time.perf_counter()
         try:
             with self._torch.inference_mode():
@@ -333,7 +331,8 @@ class SamplerDeployment:
                                    prompt_ids=rows, seed=seed, on_step=on_step)
         finally:
             self.stats["decode_s"] += time.perf_counter() - t0
-        return out.tokens.tolist(), int(out.nfe)
+        fed = None if out.lambda_mean is None else {"lambda_mean": out.lambda_mean, "gate_open": out.gate_open}
+        return out.tokens.tolist(), int(out.nfe), fed
 
     def _chunk(self, job: _Job, step: int, steps: int) -> dict:
         return {"id": job.payload["id"], "object": "text_completion.step", "created": int(time.time()),

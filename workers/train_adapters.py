@@ -13,7 +13,8 @@ from models.adapters import ADAPTER_MARK, has_adapters, merged_state_dict
 __all__ = ["ADAPTER_MARK", "DEFAULT_TARGETS", "apply_adapters", "core_state_dict", "has_adapters"]
 
 # adapter targets when the config names none, per backbone (models.registry name)
-DEFAULT_TARGETS = {"core": ["qkv", "proj", "mlp.0", "mlp.2"], "hf": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+DEFAULT_TARGETS = {"core": ["qkv", "proj", "mlp.0", "mlp.2"], "dit": ["qkv", "proj", "mlp.0", "mlp.2"],
+                   "hf": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
 def apply_adapters(model, freeze_backbone: bool, lora_r: int, lora_alpha: float, use_dora: bool,

@@ -22,24 +22,28 @@ MODES = ("pretrain", "continue", "finetune")
 class ModelSection:
     """Which network to train."""
 
-    backbone: Literal["core", "hf"] = field("core", "core = our transformer (models.DiffusionLM, flavor + overrides); "
-                                                    "hf = a transformers decoder (Qwen2, Llama, ...) used as a "
-                                                    "diffusion LM (models.hf_backbone): its architecture comes from "
-                                                    "init_checkpoint (a `softmask hf-import` export) or hf_config")
-    flavor: str = field("debug", "model flavor (models.FLAVORS: debug, tiny, small); core backbone only")
-    overrides: dict[str, Any] = field(None, "config fields overriding the flavor (core: ModelConfig, e.g. {dropout: "
-                                            "0.0}; hf: HFDiffusionConfig, e.g. {max_seq_len: 512}); vocab_size and "
-                                            "mask_token_id always come from the dataset tokenizer", factory=dict)
+    backbone: Literal["core", "hf", "dit"] = field(
+        "core", "core = our transformer (models.DiffusionLM, flavor + overrides); hf = a transformers decoder (Qwen2, "
+                "Llama, ...) used as a diffusion LM (models.hf_backbone): its architecture comes from init_checkpoint "
+                "(a `softmask hf-import` export) or hf_config; dit = MDLM's DiT (models.dit): from init_checkpoint (a "
+                "`softmask mdlm-import` export of MDLM / soft-masking weights) or, in mode pretrain, the flavor")
+    flavor: str = field("debug", "model flavor: core = models.FLAVORS (debug, tiny, small), dit = "
+                                 "models.dit.DIT_FLAVORS (test, debug, small); unused when init_checkpoint gives the "
+                                 "architecture (hf, dit)")
+    overrides: dict[str, Any] = field(None, "config fields overriding the flavor or the init checkpoint (core: "
+                                            "ModelConfig, e.g. {dropout: 0.0}; hf: HFDiffusionConfig, e.g. "
+                                            "{max_seq_len: 512}; dit: DiTConfig); vocab_size and mask_token_id always "
+                                            "come from the dataset tokenizer", factory=dict)
     hf_config: dict[str, Any] = field(None, "hf, mode pretrain: transformers config of a randomly initialised model "
                                             "(model_type, hidden_size, ...; vocab_size >= the tokenizer's)",
                                       factory=dict)
     compile: bool = field(False, "torch.compile every transformer block, the SM head's entropy and the per-token "
-                                 "loss (models.compile.compile_model; core backbone, ZeRO 0-2): for GPU runs; on CPU "
-                                 "the first steps spend ~20 s or more compiling")
+                                 "loss (models.compile.compile_model; core and dit backbones, ZeRO 0-2): for GPU "
+                                 "runs; on CPU the first steps spend ~20 s or more compiling")
 
     def __post_init__(self) -> None:
-        require(not (self.compile and self.backbone != "core"), "compile", "is only available for backbone core")
-        if self.backbone == "core":
+        require(not (self.compile and self.backbone == "hf"), "compile", "is only available for backbones core and dit")
+        if self.backbone != "hf":
             require(not self.hf_config, "hf_config", "only applies to backbone hf")
         elif self.hf_config:
             require("model_type" in self.hf_config, "hf_config", "needs model_type (e.g. qwen2, llama)")
@@ -116,7 +120,7 @@ class FinetuneSection:
     lora_alpha: float = field(16.0, "LoRA scaling alpha")
     use_dora: bool = field(False, "DoRA (weight-decomposed LoRA) instead of plain LoRA")
     lora_targets: list[str] | None = field(None, "module name suffixes that get adapters; None = the backbone's "
-                                                 "default (core: qkv, proj, mlp.0, mlp.2; hf: q/k/v/o_proj)")
+                                                 "default (core, dit: qkv, proj, mlp.0, mlp.2; hf: q/k/v/o_proj)")
 
     def __post_init__(self) -> None:
         require(self.lora_r >= 0, "lora_r", "must be >= 0")
@@ -250,11 +254,8 @@ def _hf_model_config(cfg: TrainConfig, tokenizer: dict, init: dict | None):
     return mcfg
 
 
-def _model_config(cfg: TrainConfig, tokenizer: dict, init: dict | None = None):
+def _core_model_config(cfg: TrainConfig, tokenizer: dict, init: dict | None = None):
     from models import ModelConfig
-
-    if cfg.model.backbone == "hf":
-        return _hf_model_config(cfg, tokenizer, init)
 
     overrides = dict(cfg.model.overrides)
     for key in ("vocab_size", "mask_token_id"):
@@ -267,10 +268,42 @@ def _model_config(cfg: TrainConfig, tokenizer: dict, init: dict | None = None):
         raise ConfigError(f"model: {e}") from None
 
 
+def _dit_model_config(cfg: TrainConfig, tokenizer: dict, init: dict | None = None):
+    """DiTConfig for backbone dit: the init checkpoint's architecture (continue / finetune), else the flavor's; the
+    vocabulary and [MASK] of the dataset's tokenizer (a checkpoint that disagrees is refused by check_model_match)."""
+    from models.dit import DIT_FLAVORS, DiTConfig
+
+    over = dict(cfg.model.overrides)
+    for key in ("vocab_size", "mask_token_id"):
+        require(key not in over, f"model.overrides.{key}", "comes from the dataset's tokenizer; do not set it")
+    if init is not None:
+        require(init.get("backbone") == "dit", "init_checkpoint", "model.backbone dit needs a dit export (`softmask "
+                                                                  "mdlm-import` or a dit training run)")
+        base = dict(init["model"])
+    else:
+        require(cfg.model.flavor in DIT_FLAVORS, "model.flavor", f"{cfg.model.flavor!r} is not a dit flavor "
+                                                                 f"({', '.join(sorted(DIT_FLAVORS))})")
+        base = {**DIT_FLAVORS[cfg.model.flavor], "flavor": cfg.model.flavor}
+    fields = {**base, **over, "vocab_size": int(tokenizer["vocab_size"]), "mask_token_id": int(tokenizer["mask_id"]),
+              "softmask_k": cfg.objective.k, "self_conditioning": cfg.objective.kind == "self_cond"}
+    try:
+        return DiTConfig.from_dict(fields)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+# model.backbone -> (cfg, dataset tokenizer record, init checkpoint config.json or None) -> the model config to build
+MODEL_CONFIGS = {"core": _core_model_config, "hf": _hf_model_config, "dit": _dit_model_config}
+
+
+def _model_config(cfg: TrainConfig, tokenizer: dict, init: dict | None = None):
+    return MODEL_CONFIGS[cfg.model.backbone](cfg, tokenizer, init)
+
+
 def _comparable(model_cfg: dict) -> dict:
     """Fields that must agree between a checkpoint and the model we build (flavor name / k / dropout may differ)."""
     ignore = {"flavor", "dropout", "softmask_k", "softmask_init_scale", "self_conditioning", "init_std",
-              "adapters", "base_checkpoint", "source", "dtype", "attn_implementation", "max_seq_len"}
+              "adapters", "base_checkpoint", "source", "dtype", "attn_implementation", "max_seq_len", "attention"}
     return {k: v for k, v in model_cfg.items() if k not in ignore}
 
 

@@ -29,10 +29,11 @@ def _setup_process(cfg: TrainConfig):
 def _build_model(cfg: TrainConfig, plan: RunPlan, ds_cfg: dict):
     """The DiffusionLM of the plan, initialised from ``init_checkpoint`` when set; frozen backbone if asked.
 
-    Under ZeRO-3 it is built partitioned (``zero.Init``: no rank holds the whole model) and its weights are then
-    initialised / loaded module by module through gathered parameters.
+    Backbones whose registry spec builds partitioned (core, dit) are, under ZeRO-3, built partitioned (``zero.Init``:
+    no rank holds the whole model) and their weights then initialised / loaded module by module through gathered
+    parameters; the others (hf) are built whole and partitioned by ``deepspeed.initialize``.
     """
-    from models import ModelConfig, build_model
+    from models.registry import config_from_dict, get_spec
 
     from infra.deepspeed import gather_for_init, partitioned_init
     from workers import checkpointing
@@ -40,13 +41,14 @@ def _build_model(cfg: TrainConfig, plan: RunPlan, ds_cfg: dict):
     import torch
 
     torch.manual_seed(cfg.seed)  # identical init on every rank and in every run (rank 0's is broadcast anyway)
-    if plan.backbone != "core":
+    spec = get_spec(plan.backbone)
+    if spec.build_partitioned is None:
         return _with_adapters(_build_registered_model(cfg, plan), cfg, plan.backbone)
     # Partitioned construction under ZeRO-3, except with adapters: peft (DoRA's magnitude) reads whole base weights
     # when it injects them; such a model is built whole and partitioned by deepspeed.initialize instead.
     zero3 = cfg.deepspeed.zero_stage == 3 and cfg.finetune.lora_r == 0
-    model = build_model(ModelConfig.from_dict(plan.model_config),
-                        partition=(lambda: partitioned_init(ds_cfg)) if zero3 else None)
+    model = spec.build_partitioned(config_from_dict(plan.model_config, plan.backbone),
+                                   (lambda: partitioned_init(ds_cfg)) if zero3 else None)
     if zero3:
         model.init_parameters(gather=gather_for_init)
     if cfg.init_checkpoint:
@@ -57,7 +59,7 @@ def _build_model(cfg: TrainConfig, plan: RunPlan, ds_cfg: dict):
 
 
 def _build_registered_model(cfg: TrainConfig, plan: RunPlan):
-    """A non-core backbone (models.registry, e.g. hf): the init checkpoint's weights, or a fresh init.
+    """A backbone built whole (models.registry, e.g. hf): the init checkpoint's weights, or a fresh init.
 
     Built whole on every rank; ZeRO-3 partitions it in ``deepspeed.initialize``. A source trained without SM (an
     AR import, a binary run) gets a fresh SM head (ω_s ≈ 0), as for the core backbone.

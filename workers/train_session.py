@@ -53,7 +53,9 @@ class LocalCheckpoint:
 
 class LocalSession:
     """A single-rank run in this process. Use as a context manager: it creates the gloo process group DeepSpeed
-    needs (unless one exists) and destroys what it created."""
+    needs unless one exists. The group then lives as long as the process: DeepSpeed's communication layer keeps a
+    handle on it, so a later local run in the same process reuses it (a destroyed group would leave DeepSpeed a dead
+    handle: "Group ... is not registered")."""
 
     rank, world = 0, 1
 
@@ -62,7 +64,6 @@ class LocalSession:
             raise ValueError(f"checkpoint.storage_path: a local training run needs a local path, got {storage_path}")
         self.run_dir = Path(storage_path.removeprefix("file://")).resolve() / run_name
         self.keep_last = keep_last
-        self._own_group = False
 
     def __enter__(self) -> "LocalSession":
         import torch.distributed as dist
@@ -72,23 +73,17 @@ class LocalSession:
         if not dist.is_initialized():
             port = free_port()
             # what a launcher would export (DeepSpeed reads them); set only where absent
-            self._env = {k: v for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                                           "MASTER_ADDR": LOOPBACK, "MASTER_PORT": str(port)}.items()
-                         if k not in os.environ}
-            os.environ.update(self._env)
+            os.environ.update({k: v for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                                                 "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": LOOPBACK,
+                                                 "MASTER_PORT": str(port)}.items() if k not in os.environ})
             dist.init_process_group("gloo", init_method=f"tcp://{LOOPBACK}:{port}", rank=0, world_size=1)
-            self._own_group = True
+        elif dist.get_world_size() != 1:
+            raise RuntimeError(f"a local run needs a single-rank process group; this process has world size "
+                               f"{dist.get_world_size()}")
         return self
 
     def __exit__(self, *exc) -> None:
-        import torch.distributed as dist
-
-        if self._own_group and dist.is_initialized():
-            dist.destroy_process_group()
-        if self._own_group:
-            for k in self._env:
-                os.environ.pop(k, None)
-        self._own_group = False
+        return None
 
     def checkpoint(self) -> LocalCheckpoint | None:
         from workers.checkpointing import list_checkpoints

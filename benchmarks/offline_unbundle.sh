@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Device side of benchmarks/device_bundle.py: run once per carried folder, in the repository root of the GPU machine.
-#   bash benchmarks/device_unbundle.sh .xfer1      # copies that folder's parts to $BUNDLE (default /tmp/bundle)
+# GPU-host side of benchmarks/offline_bundle.py (offline installation): run once per copied folder, in the repository
+# root on the GPU host.
+#   bash benchmarks/offline_unbundle.sh .xfer1      # copies that folder's parts to $BUNDLE (default /tmp/bundle)
 # When every part named in MANIFEST.json is present it joins them, checks each part's and the whole stream's sha256,
 # unpacks to $BUNDLE/root and installs $BUNDLE/root/wheels/*.whl into $BUNDLE/site (no index, no dependencies).
 # Then: export PYTHONPATH=$BUNDLE/site:$PWD SOFTMASK_CACHE=$BUNDLE/root/cache (the gpu_*.sh scripts do this).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SRC=${1:?usage: device_unbundle.sh .xferN}
+SRC=${1:?usage: offline_unbundle.sh .xferN}
 BUNDLE=${BUNDLE:-/tmp/bundle}
 PY=${PYTHON:-python3}
 mkdir -p "$BUNDLE/parts"

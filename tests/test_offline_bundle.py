@@ -1,5 +1,5 @@
-"""benchmarks/device_bundle.py + device_unbundle.sh: a payload cut into carry-sized folders comes back byte for byte,
-and a corrupt part is refused."""
+"""Offline installation (benchmarks/offline_bundle.py + offline_unbundle.sh): a payload cut into size-bounded folders
+comes back byte for byte, and a corrupt part is refused."""
 import importlib.util
 import os
 import subprocess
@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _bundle_module():
-    spec = importlib.util.spec_from_file_location("device_bundle", REPO / "benchmarks" / "device_bundle.py")
+    spec = importlib.util.spec_from_file_location("offline_bundle", REPO / "benchmarks" / "offline_bundle.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -20,7 +20,7 @@ def _bundle_module():
 
 def _unbundle(folder: Path, bundle: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "BUNDLE": str(bundle), "PYTHON": sys.executable}
-    return subprocess.run(["bash", str(REPO / "benchmarks" / "device_unbundle.sh"), str(folder)], env=env,
+    return subprocess.run(["bash", str(REPO / "benchmarks" / "offline_unbundle.sh"), str(folder)], env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -32,16 +32,16 @@ def _payload(root: Path) -> dict[str, bytes]:
     return files
 
 
-def test_parts_fit_the_carry_limit_and_rejoin_exactly(tmp_path):
+def test_parts_fit_the_size_limit_and_rejoin_exactly(tmp_path):
     mod = _bundle_module()
-    stage, out, bundle = tmp_path / "stage", tmp_path / "repo", tmp_path / "device"
+    stage, out, bundle = tmp_path / "stage", tmp_path / "repo", tmp_path / "gpu-host"
     stage.mkdir()
     out.mkdir()
     files = _payload(stage)
     manifest = mod.bundle(stage, out, "demo", part_bytes=1 << 20, reserve_bytes=100_000)
     folders = sorted(out.glob(".xfer*"), key=lambda p: int(p.name[5:]))
     assert len(folders) == len(manifest["parts"]) >= 3
-    for folder in folders:  # what one call carries: its part(s) and the manifest, under the limit minus the reserve
+    for folder in folders:  # one folder: its part(s) and the manifest, under the limit minus the repository's reserve
         assert sum(f.stat().st_size for f in folder.iterdir() if f.name != "MANIFEST.json") <= (1 << 20) - 100_000
     for i, folder in enumerate(folders):
         r = _unbundle(folder, bundle)
@@ -54,7 +54,7 @@ def test_parts_fit_the_carry_limit_and_rejoin_exactly(tmp_path):
 
 def test_corrupt_part_is_refused(tmp_path):
     mod = _bundle_module()
-    stage, out, bundle = tmp_path / "stage", tmp_path / "repo", tmp_path / "device"
+    stage, out, bundle = tmp_path / "stage", tmp_path / "repo", tmp_path / "gpu-host"
     stage.mkdir()
     out.mkdir()
     _payload(stage)
@@ -76,10 +76,10 @@ def test_part_size_must_leave_room_for_the_tree(tmp_path):
         mod.bundle(tmp_path / "stage", tmp_path, "demo", part_bytes=1000, reserve_bytes=2000)
 
 
-def test_two_bundles_share_the_device_folder(tmp_path):
+def test_two_bundles_share_the_host_folder(tmp_path):
     """A second bundle built with start past the first keeps the first's folders; interleaved calls unpack both."""
     mod = _bundle_module()
-    out, device = tmp_path / "repo", tmp_path / "device"
+    out, host = tmp_path / "repo", tmp_path / "gpu-host"
     out.mkdir()
     stages = {}
     for name in ("one", "two"):
@@ -93,7 +93,7 @@ def test_two_bundles_share_the_device_folder(tmp_path):
     assert len(folders) == n_first + 2
     order = [folders[0], folders[n_first], folders[n_first + 1]] + folders[1:n_first]  # interleaved
     for folder in order:
-        r = _unbundle(folder, device)
+        r = _unbundle(folder, host)
         assert r.returncode == 0, r.stderr
     for name in ("one", "two"):
-        assert (device / "root" / f"{name}.bin").read_bytes() == (stages[name] / f"{name}.bin").read_bytes()
+        assert (host / "root" / f"{name}.bin").read_bytes() == (stages[name] / f"{name}.bin").read_bytes()
