@@ -1,17 +1,21 @@
 """The debug workflow end to end in-process (Prefect + Ray): preprocess -> train -> evaluate -> deploy -> one HTTP
-request; reruns skip completed stages (their bodies do not run); a failure resumes from the failed stage; --force."""
+request; reruns skip completed stages (their bodies do not run); a stage whose output marker is gone runs again even
+though Prefect has it cached; a failed stage resumes under the same key; a train-config change reruns train, not
+preprocess; --force."""
 import dataclasses
 import json
+import os
 import pathlib
 
 import pytest
 
-from infra.config import load_config
+from infra.config import ConfigError, load_config
 from pipelines import lineage, workflow
 from pipelines.workflow import WorkflowConfig, run_workflow
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+UP_TO_EVAL = ["preprocess", "train", "evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +24,9 @@ def debug_cfg(tmp_path_factory):
     return load_config(WorkflowConfig, ROOT / "configs" / "debug_cpu.yaml", [f"run_root={root}"])
 
 
-def test_workflow_end_to_end_skip_resume_force(ray_session, debug_cfg):
+@pytest.fixture(scope="module")
+def first(ray_session, debug_cfg):
+    """The whole workflow once, with Prefect: (result, STAGE_RUNS before it)."""
     from ray import serve
 
     runs = dict(workflow.STAGE_RUNS)
@@ -28,6 +34,15 @@ def test_workflow_end_to_end_skip_resume_force(ray_session, debug_cfg):
         res = run_workflow(debug_cfg)
     finally:
         serve.shutdown()
+    return res, runs
+
+
+def runs_since(before: dict) -> dict:
+    return {s: workflow.STAGE_RUNS[s] - before[s] for s in before}
+
+
+def test_end_to_end_then_every_stage_is_skipped(first, debug_cfg):
+    res, runs = first
     assert res.executed == {"preprocess": True, "train": True, "evaluate": True, "deploy": True}
     reply = res.reply
     assert reply["choices"] and isinstance(reply["choices"][0]["text"], str) and reply["nfe"] >= 1
@@ -36,26 +51,82 @@ def test_workflow_end_to_end_skip_resume_force(ray_session, debug_cfg):
     train = res.records["train"]
     assert pathlib.Path(train["export"], "model.safetensors").is_file()
     assert res.records["train"]["inputs"] == [res.records["preprocess"]["key"]]
-    for st in ("preprocess", "train", "evaluate", "deploy"):
-        assert workflow.STAGE_RUNS[st] == runs[st] + 1
+    assert runs_since(runs) == {"preprocess": 1, "train": 1, "evaluate": 1, "deploy": 1}
 
     # the same config again (without deploy): every stage is skipped, no stage body runs
-    again = run_workflow(dataclasses.replace(debug_cfg, stages=["preprocess", "train", "evaluate"]))
+    before = dict(workflow.STAGE_RUNS)
+    again = run_workflow(dataclasses.replace(debug_cfg, stages=UP_TO_EVAL))
     assert again.executed == {"preprocess": False, "train": False, "evaluate": False}
-    assert again.run_id == res.run_id or again.records["train"]["key"] == train["key"]
-    for st in ("preprocess", "train", "evaluate"):
-        assert workflow.STAGE_RUNS[st] == runs[st] + 1
+    assert {s: again.records[s]["key"] for s in UP_TO_EVAL} == {s: res.records[s]["key"] for s in UP_TO_EVAL}
+    assert runs_since(before) == {"preprocess": 0, "train": 0, "evaluate": 0, "deploy": 0}
 
-    # a failing evaluate stage, then the fixed config: only evaluate runs again
-    broken = dataclasses.replace(debug_cfg, stages=["preprocess", "train", "evaluate"], use_prefect=False,
-                                 evaluate=dataclasses.replace(debug_cfg.evaluate, evaluator="/nonexistent/evaluator"))
-    with pytest.raises(Exception):
-        run_workflow(broken)
-    fixed = dataclasses.replace(broken, evaluate=dataclasses.replace(debug_cfg.evaluate, tag="retry"))
-    res3 = run_workflow(fixed)
-    assert res3.executed == {"preprocess": False, "train": False, "evaluate": True}
 
-    # --force train reruns train and what depends on it, not preprocess
-    res4 = run_workflow(dataclasses.replace(fixed, use_prefect=False), force=["train"])
-    assert res4.executed == {"preprocess": False, "train": True, "evaluate": True}
-    assert lineage.stage_record(res4.records["train"]["dir"])["key"] == train["key"]
+def test_a_stage_whose_output_marker_is_gone_runs_again_although_prefect_cached_it(first, debug_cfg):
+    """Prefect's cache key is the stage key; the cache is trusted only while the output's _stage.json is there."""
+    res, _ = first
+    marker = pathlib.Path(res.records["preprocess"]["dir"], lineage.MARKER)
+    marker.unlink()
+    before = dict(workflow.STAGE_RUNS)
+    again = run_workflow(dataclasses.replace(debug_cfg, stages=UP_TO_EVAL))
+    assert again.executed == {"preprocess": True, "train": False, "evaluate": False}
+    assert runs_since(before)["preprocess"] == 1 and marker.is_file()
+    # deterministic output: the same fingerprint, so the downstream keys (and their outputs) still hold
+    assert again.records["preprocess"]["fingerprint"] == res.records["preprocess"]["fingerprint"]
+    assert again.records["train"]["key"] == res.records["train"]["key"]
+
+
+def test_a_failed_stage_resumes_under_the_same_key(first, debug_cfg, tmp_path):
+    """evaluate fails (its evaluator directory is not there yet) with its own error and records nothing; once the
+    directory exists, the SAME config resumes: preprocess and train are skipped, evaluate runs under the key it
+    failed with."""
+    from models.evaluation import EvaluatorUnavailable
+    from models.evaluation.evaluator_lm import converted_dir
+
+    evaluator = tmp_path / "evaluator"
+    cfg = dataclasses.replace(debug_cfg, stages=UP_TO_EVAL,
+                              evaluate=dataclasses.replace(debug_cfg.evaluate, evaluator=str(evaluator)))
+    eval_root = pathlib.Path(cfg.run_root, "eval")
+    done_before = {p.parent.name for p in eval_root.glob(f"*/{lineage.MARKER}")}
+    before = dict(workflow.STAGE_RUNS)
+    with pytest.raises(EvaluatorUnavailable, match="neither a packaged evaluator"):
+        run_workflow(cfg)
+    assert runs_since(before) == {"preprocess": 0, "train": 0, "evaluate": 1, "deploy": 0}
+    assert {p.parent.name for p in eval_root.glob(f"*/{lineage.MARKER}")} == done_before  # nothing recorded
+
+    os.symlink(converted_dir("smollm2-135m"), evaluator)  # the same path, now a local HF evaluator directory
+    resumed = run_workflow(cfg)
+    assert resumed.executed == {"preprocess": False, "train": False, "evaluate": True}
+    key = resumed.records["evaluate"]["key"]
+    assert key not in done_before and key != first[0].records["evaluate"]["key"]
+    assert {p.parent.name for p in eval_root.glob(f"*/{lineage.MARKER}")} == done_before | {key}
+    assert run_workflow(cfg).executed["evaluate"] is False  # and that key is now complete
+
+
+def test_a_train_config_change_reruns_train_and_evaluate_but_not_preprocess(first, debug_cfg):
+    res, _ = first
+    cfg = dataclasses.replace(debug_cfg, stages=UP_TO_EVAL, use_prefect=False,
+                              train=dataclasses.replace(debug_cfg.train, steps=debug_cfg.train.steps - 1))
+    before = dict(workflow.STAGE_RUNS)
+    changed = run_workflow(cfg)
+    assert changed.executed == {"preprocess": False, "train": True, "evaluate": True}
+    assert runs_since(before) == {"preprocess": 0, "train": 1, "evaluate": 1, "deploy": 0}
+    assert changed.records["preprocess"]["key"] == res.records["preprocess"]["key"]
+    assert changed.records["train"]["key"] != res.records["train"]["key"]
+    assert changed.records["train"]["metrics"]["step"] == debug_cfg.train.steps - 1
+    assert lineage.stage_record(res.records["train"]["dir"])["key"] == res.records["train"]["key"]  # kept
+
+
+def test_force_reruns_the_forced_stage_and_the_later_ones(first, debug_cfg):
+    assert workflow.forced_stages(["train"]) == {"train", "evaluate", "deploy"}
+    assert workflow.forced_stages(["deploy", "evaluate"]) == {"evaluate", "deploy"}
+    assert workflow.forced_stages([]) == set()
+    with pytest.raises(ConfigError, match=r"force: unknown stage\(s\) \['trian'\]"):
+        run_workflow(debug_cfg, force=["trian"])
+    res, _ = first
+    report = pathlib.Path(res.records["evaluate"]["report"])
+    written = report.stat().st_mtime_ns
+    before = dict(workflow.STAGE_RUNS)
+    forced = run_workflow(dataclasses.replace(debug_cfg, stages=UP_TO_EVAL), force=["evaluate"])
+    assert forced.executed == {"preprocess": False, "train": False, "evaluate": True}
+    assert runs_since(before) == {"preprocess": 0, "train": 0, "evaluate": 1, "deploy": 0}
+    assert forced.records["evaluate"]["key"] == res.records["evaluate"]["key"] and report.stat().st_mtime_ns > written
