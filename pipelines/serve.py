@@ -7,9 +7,14 @@
 ``serve_forever(cfg)`` is ``softmask serve``: it prints the URL and an example curl, blocks until SIGINT/SIGTERM, then
 shuts down what it started and returns 0. With ``detach`` (needs a cluster ``address``) the app keeps running on the
 cluster after the driver leaves.
+
+Access: a loopback ``host`` serves anyone on this machine unless an API key is configured; any other ``host`` needs
+one (``api_key_env``, default SOFTMASK_API_KEY, or ``api_key_file``; refused before anything starts otherwise).
+With a key, every endpoint but /healthz answers 401 without ``Authorization: Bearer <key>``.
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -26,14 +31,15 @@ from dataclasses import dataclass
 from infra.config import ConfigError, field, require
 from infra.net import free_port
 from workers.serving import build_app
-from workers.serving_config import ServeConfig, as_serve_config, check_model
+from workers.serving_config import ServeConfig, as_serve_config, check_model, read_api_key
 
 
 @dataclass
 class ServeStageConfig(ServeConfig):
     """The serving application (every ServeConfig field) plus where and how the driver runs it."""
 
-    host: str = field("127.0.0.1", "HTTP bind address; loopback only (127.0.0.1 / ::1 / localhost)")
+    host: str = field("127.0.0.1", "HTTP bind address: loopback (127.0.0.1 / ::1 / localhost), or any other address "
+                                   "(e.g. 0.0.0.0) only with an API key (api_key_env / api_key_file)")
     port: int = field(8000, "HTTP port; 0 = pick a free one")
     address: str | None = field(None, "Ray cluster to join (host:port or ray://...); None = start a local Ray "
                                       "(or join RAY_ADDRESS)")
@@ -44,8 +50,7 @@ class ServeStageConfig(ServeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.host == "localhost" or _is_loopback(self.host), "host",
-                f"must be a loopback address (127.0.0.1, ::1 or localhost), got {self.host!r}")
+        require(bool(self.host), "host", "must be an address to bind (e.g. 127.0.0.1)")
         require(0 <= self.port <= 65535, "port", f"must lie in [0, 65535], got {self.port}")
         require(self.ray_num_cpus is None or self.ray_num_cpus >= 1, "ray_num_cpus", "must be >= 1")
         cluster = self.address or os.environ.get("RAY_ADDRESS")
@@ -74,14 +79,25 @@ class ServeResult:
     ray_started: bool        # this process started the local Ray (shutdown stops it)
     serve_started: bool      # this call started Serve on the cluster (shutdown stops Serve, not just the app)
     detached: bool = False
+    key_source: str | None = None  # where a client finds the API key (a shell expression, never the key); None = none
 
     @property
     def completions_url(self) -> str:
         return f"{self.url}/v1/completions"
 
+    @property
+    def chat_url(self) -> str:
+        return f"{self.url}/v1/chat/completions"
+
     def example_curl(self) -> str:
         body = json.dumps({"model": self.model, "prompt": "To be, or not to be", "max_tokens": 32, "steps": 32})
-        return f"curl -s {self.completions_url} -H 'Content-Type: application/json' -d '{body}'"
+        auth = f" -H \"Authorization: Bearer {self.key_source}\"" if self.key_source else ""
+        return f"curl -s {self.completions_url}{auth} -H 'Content-Type: application/json' -d '{body}'"
+
+
+def key_source(cfg: ServeConfig) -> str:
+    """The shell expression that yields the configured key (for the printed example; the key itself is never shown)."""
+    return f"$(head -n1 {cfg.api_key_file})" if cfg.api_key_file else f"${cfg.api_key_env}"
 
 
 def _existing_serve_port() -> int | None:
@@ -145,15 +161,20 @@ def _on_this_host(address: str | None) -> bool:
     return host == "localhost" or _is_loopback(host)
 
 
-def preflight(cfg: ServeStageConfig) -> None:
-    """Everything that can be checked before Ray or Serve starts: the checkpoint is there and readable, its tokenizer
-    fits the model, and the HTTP port is free when this command starts the Ray that will bind it. ConfigError names
-    the field."""
+def preflight(cfg: ServeStageConfig) -> bool:
+    """Everything that can be checked before Ray or Serve starts: an address beyond loopback has an API key, the
+    checkpoint is there and readable, its tokenizer fits the model, and the HTTP port is free when this command starts
+    the Ray that will bind it. ConfigError names the field. Returns whether an API key is configured."""
     import ray
 
+    keyed = read_api_key(as_serve_config(cfg)) is not None
+    require(keyed or cfg.host == "localhost" or _is_loopback(cfg.host), "host",
+            f"{cfg.host} is not a loopback address: serving beyond this machine needs an API key (set the environment "
+            f"variable {cfg.api_key_env} or api_key_file)")
     check_model(as_serve_config(cfg))
     if _cluster(cfg) is None and not ray.is_initialized():  # a Ray of this process may already serve on that port
         check_port(cfg.host, cfg.port)
+    return keyed
 
 
 def run(cfg: ServeStageConfig) -> ServeResult:
@@ -166,10 +187,12 @@ def run(cfg: ServeStageConfig) -> ServeResult:
 
     from infra.ray_runtime import RayConfig, init_ray
 
-    preflight(cfg)
+    keyed = preflight(cfg)
     # Serve's driver-side INFO lines (started, connecting, ready) belong in its logs; the caller reports the outcome
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     app_cfg = as_serve_config(cfg)
+    if keyed:  # an ingress replica that cannot find the key (another environment) refuses to start: fail closed
+        app_cfg = dataclasses.replace(app_cfg, require_api_key=True)
     app = build_app(app_cfg)
     ray_started = init_ray(RayConfig(address=cfg.address, num_cpus=cfg.ray_num_cpus))
     serve_started = False
@@ -185,12 +208,14 @@ def run(cfg: ServeStageConfig) -> ServeResult:
             port = cfg.port or free_port(cfg.host)
             serve.start(http_options={"host": cfg.host, "port": port,
                                       "request_timeout_s": cfg.http_timeout_s or cfg.request_timeout_s + 10.0})
-        host = "127.0.0.1" if cfg.host == "localhost" else cfg.host
+        # where this driver reaches the server: a wildcard bind answers on loopback too
+        host = {"localhost": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(cfg.host, cfg.host)
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}{cfg.route_prefix.rstrip('/')}"
         serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix)
         _wait_healthy(url, cfg.ready_timeout_s)
         result = ServeResult(url=url, app_name=cfg.app_name, model=app_cfg.served_name, host=cfg.host, port=port,
-                             ray_started=ray_started, serve_started=serve_started, detached=cfg.detach)
+                             ray_started=ray_started, serve_started=serve_started, detached=cfg.detach,
+                             key_source=key_source(app_cfg) if keyed else None)
     except BaseException:
         _teardown(cfg.app_name, serve_started, ray_started)
         raise

@@ -55,3 +55,55 @@ def ray_session(s3_server):
         except Exception:
             pass
         ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------ serving app
+# One Serve deployment for every test that asks for `serve_server` (test_serve_app.py, test_serve_app_openai.py);
+# it is shut down right after the last of them, so the tests after it get the whole machine back.
+_SERVE_CLOSE = pytest.StashKey()
+_LAST_SERVE_USER = pytest.StashKey()
+
+
+@pytest.fixture(scope="session")
+def serve_checkpoint(tmp_path_factory):
+    from serve_support import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("serve") / "debug-ckpt")
+
+
+@pytest.fixture(scope="session")
+def serve_server(request, ray_session, s3_server, serve_checkpoint, tmp_path_factory):
+    """The app deployed by pipelines.serve.run from an s3:// copy of the checkpoint (serve_support.shared_app_config)."""
+    from pipelines.serve import run, shutdown
+    from serve_support import shared_app_config
+
+    s3_server.create_bucket("serve-test")
+    client = s3_server.client()
+    for f in serve_checkpoint.iterdir():
+        client.upload_file(str(f), "serve-test", f"ckpt/{f.name}")
+    result = run(shared_app_config("s3://serve-test/ckpt", str(tmp_path_factory.mktemp("ckpt-cache"))))
+    closed = []
+
+    def close() -> None:
+        if not closed:
+            closed.append(True)
+            shutdown(result)
+
+    request.config.stash[_SERVE_CLOSE] = close
+    try:
+        yield result
+    finally:
+        close()
+
+
+def pytest_collection_finish(session):
+    users = [item for item in session.items if "serve_server" in getattr(item, "fixturenames", ())]
+    session.config.stash[_LAST_SERVE_USER] = users[-1] if users else None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    if item is item.config.stash.get(_LAST_SERVE_USER, None):
+        close = item.config.stash.get(_SERVE_CLOSE, None)
+        if close is not None:
+            close()

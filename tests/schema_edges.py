@@ -20,6 +20,8 @@ def _values(node: dict, components: dict) -> list:
         return [v for member in node["anyOf"] for v in _values(member, components)]
     if "enum" in node:
         return [*node["enum"], f"not-{node['enum'][0]}"]
+    if "const" in node:
+        return [node["const"], f"not-{node['const']}"]
     kind = node.get("type")
     if kind in ("integer", "number"):
         step = 1 if kind == "integer" else 1e-3
@@ -40,6 +42,14 @@ def _values(node: dict, components: dict) -> list:
         counts = {0, 1, node.get("minItems", 0), max(node.get("minItems", 0) - 1, 0)}
         counts |= {node["maxItems"], node["maxItems"] + 1} if "maxItems" in node else set()
         return [[item] * n for n in sorted(counts)] + [[v] for v in _values(items, components)]
+    if kind == "object" and "properties" in node:  # a valid object, then each property's edges in it
+        valid = {}
+        for key in node.get("required", []):
+            sub = {**node["properties"][key], "components": components}
+            valid[key] = next(v for v in _values(node["properties"][key], components)
+                              if Draft202012Validator(sub).is_valid(v))
+        return [valid] + [{**valid, key: v} for key, prop in node["properties"].items()
+                          for v in _values(prop, components)]
     if kind == "boolean":
         return [True, False]
     if kind == "null":
@@ -49,7 +59,8 @@ def _values(node: dict, components: dict) -> list:
 
 def edge_requests(spec: dict, schema_name: str, base: dict) -> list[tuple[str, dict, bool]]:
     """(field, request body, schema-valid) for each edge value of each field of ``schema_name``, the other fields as in
-    ``base`` (itself schema-valid). Duplicates are dropped."""
+    ``base`` (itself schema-valid). Duplicates are dropped. An object inside a field (a chat message) gets its own
+    properties' edges, so a refusal may name ``field.property``."""
     components = spec["components"]
     schema = components["schemas"][schema_name]
     validator = Draft202012Validator({"$ref": f"#/components/schemas/{schema_name}", "components": components})

@@ -40,6 +40,14 @@ def test_kuberay_manifests_reference_real_entry_points():
     from workers.serving_config import ServeConfig
     from infra.config import from_dict
 
-    assert from_dict(ServeConfig, app["args"]).max_replicas == 8
+    serve_cfg = from_dict(ServeConfig, app["args"])
+    assert serve_cfg.max_replicas == 8 and serve_cfg.require_api_key  # fails closed without its key
+    # the key comes from a Secret into every Ray container (an ingress replica may land on any node), never inline
+    cluster = docs["rayservice-sampler.yaml"]["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        env = {e["name"]: e for c in pod["spec"]["containers"] for e in c.get("env", [])}
+        assert env[serve_cfg.api_key_env]["valueFrom"]["secretKeyRef"]["name"] == "softmask-api-key", env
+        assert "value" not in env[serve_cfg.api_key_env]
     docker = (ROOT / "infra" / "Dockerfile").read_text()
     assert "FROM rayproject/ray:" in docker and 'ENTRYPOINT ["softmask"]' in docker

@@ -1,56 +1,21 @@
-"""Serving stage end to end: real Ray Serve, real HTTP on 127.0.0.1, a debug checkpoint written here and read from S3.
+"""Serving stage end to end: real Ray Serve, real HTTP on 127.0.0.1, a debug checkpoint read from S3.
 
-One app for the module (2 sampler replicas, batching 8, short timeout, small queue). The CLI contract is in
-tests/test_serve_cli.py.
+One app (2 sampler replicas, batching 8, short timeout, small queue; tests/serve_support.py) shared with the OpenAI
+client tests of test_serve_app_openai.py. The CLI contract is in tests/test_serve_cli.py.
 """
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-APP = "softmask-test"
-# A few lines of real text (Shakespeare, public domain) for a tiny byte-level BPE.
-LINES = [
-    "Shall I compare thee to a summer's day? Thou art more lovely and more temperate:",
-    "Rough winds do shake the darling buds of May, And summer's lease hath all too short a date;",
-    "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer",
-    "The slings and arrows of outrageous fortune, Or to take arms against a sea of troubles",
-    "Now is the winter of our discontent Made glorious summer by this sun of York;",
-]
+from serve_support import APP, _free_port, write_checkpoint  # noqa: F401  (re-exported for test_serve_cli)
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_checkpoint(path: Path) -> Path:
-    """Debug-flavour model + BPE tokenizer saved side by side (the layout the training stage exports)."""
-    import torch
-
-    import models
-    from models.tokenizer import train_bpe
-
-    tok = train_bpe(LINES * 4, 320)
-    torch.manual_seed(0)
-    model = models.build_model(models.ModelConfig.from_flavor("debug", vocab_size=tok.vocab_size,
-                                                              mask_token_id=tok.mask_id))
-    with torch.no_grad():  # make soft-masking matter for the flat random model: ω_s ≈ 0.88, ω_b ≈ −10 -> λ ≈ ω_s
-        model.sm_head.raw_scale.fill_(2.0)
-        model.sm_head.raw_centre.fill_(10.0)
-    models.save_pretrained(model, path)
-    tok.save(path)
-    return path
 
 
 def post(url: str, body, timeout: float = 60.0) -> tuple[int, dict, dict]:
@@ -86,32 +51,15 @@ def stream_events(url: str, body: dict) -> list:
     return events
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("serve") / "debug-ckpt")
+@pytest.fixture
+def checkpoint(serve_checkpoint):
+    return serve_checkpoint
 
 
-@pytest.fixture(scope="module")
-def server(ray_session, s3_server, checkpoint, tmp_path_factory):
-    """The app deployed by pipelines.serve.run from an s3:// copy of the checkpoint."""
-    from pipelines.serve import ServeStageConfig, run, shutdown
-
-    s3_server.create_bucket("serve-test")
-    client = s3_server.client()
-    for f in checkpoint.iterdir():
-        client.upload_file(str(f), "serve-test", f"ckpt/{f.name}")
-    cfg = ServeStageConfig(
-        checkpoint="s3://serve-test/ckpt", cache_dir=str(tmp_path_factory.mktemp("ckpt-cache")), model_name="debug",
-        app_name=APP, port=_free_port(), min_replicas=2, max_replicas=3, upscale_delay_s=60, num_cpus=0.25,
-        ingress_num_cpus=0.05, max_batch_size=8, max_ongoing_requests=8, batch_wait_timeout_s=0.2,
-        max_queued_requests=24,
-        request_timeout_s=6.0, max_prompt_tokens=96, max_tokens_limit=200, max_n=4, max_prompts=3, max_stop=2,
-        max_body_bytes=64 * 1024, default_steps=8, default_max_tokens=16, torch_threads=1)
-    result = run(cfg)
-    try:
-        yield result
-    finally:
-        shutdown(result)
+@pytest.fixture
+def server(serve_server):
+    """The module's app (tests/serve_support.py), shared with test_serve_app_openai.py: one deployment for both."""
+    return serve_server
 
 
 def test_health_models_openapi(server):

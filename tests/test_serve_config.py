@@ -12,6 +12,7 @@ from pipelines.serve import ServeStageConfig
 from workers.serving import request_payload
 from workers.serving_config import ServeConfig, resolve_checkpoint
 from workers.serving_api import ApiError, CompletionRequest, check_bounds, validation_error
+from workers.serving_chat import ChatCompletionRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +35,8 @@ def test_recipe_loads_and_every_field_is_documented():
     ({"default_transparency": "cosine"}, "default_transparency"),
     ({"default_steps": 5000}, "default_steps"),
     ({"route_prefix": "v1"}, "route_prefix"),
-    ({"host": "0.0.0.0"}, "host"),
-    ({"host": "192.0.2.7"}, "host"),
+    ({"host": ""}, "host"),
+    ({"api_key_env": ""}, "api_key_env"),
     ({"detach": True}, "detach"),
     ({"port": 70000}, "port"),
     ({"max_batch_size": "many"}, "max_batch_size"),
@@ -96,12 +97,15 @@ def test_the_served_schema_states_what_the_server_enforces():
 
     cfg = ServeConfig(checkpoint="/x/ckpt", model_name="m", max_tokens_limit=64, max_steps=100, max_n=2,
                       max_prompts=3, max_stop=2)
-    spec = build_fastapi(SimpleNamespace(cfg=cfg)).openapi()
-    cases = edge_requests(spec, "CompletionRequest", {"prompt": "a", "max_tokens": 8})
-    assert len(cases) > 60 and sum(valid for *_, valid in cases) > 30
-    for name, body, valid in cases:
+    spec = build_fastapi(SimpleNamespace(cfg=cfg, api_key=None)).openapi()
+    cases = [(CompletionRequest, case) for case in edge_requests(spec, "CompletionRequest",
+                                                                 {"prompt": "a", "max_tokens": 8})]
+    chat = edge_requests(spec, "ChatCompletionRequest", {"messages": [{"role": "user", "content": "a"}],
+                                                         "max_tokens": 8})
+    assert len(cases) > 60 and sum(valid for _, (*_, valid) in cases) > 30 and len(chat) > 50
+    for kind, (name, body, valid) in cases + [(ChatCompletionRequest, case) for case in chat]:
         try:
-            req = CompletionRequest.model_validate(body)
+            req = kind.model_validate(body)
             check_bounds(req, cfg.limits())
             request_payload(req, cfg, "id")
             error = None
@@ -110,7 +114,8 @@ def test_the_served_schema_states_what_the_server_enforces():
         except ApiError as e:
             error = e
         assert (error is None) == valid, (name, body, error and error.body())
-        assert error is None or (400 <= error.status < 500 and error.param == name), (name, body, error.body())
+        assert error is None or (400 <= error.status < 500 and error.param.split(".")[0] == name), \
+            (name, body, error.body())
 
 
 def test_local_checkpoint_must_exist(tmp_path):
@@ -136,3 +141,54 @@ def test_s3_checkpoint_is_cached_and_refreshed(s3_server, tmp_path):
     assert [p.name for p in cache.iterdir()] == [again.name]  # no temp/old dirs left behind
     with pytest.raises(ConfigError, match="no config.json"):
         resolve_checkpoint("s3://serve-cache/nothing-here", cache)
+
+
+# ------------------------------------------------------------------------------------------------ access
+def test_the_key_comes_from_the_file_or_the_environment_and_never_shows(tmp_path, monkeypatch):
+    from workers.serving_config import read_api_key
+
+    secret = "sk-test-4f1c9e"
+    monkeypatch.delenv("SOFTMASK_API_KEY", raising=False)
+    assert read_api_key(ServeConfig(checkpoint="/x")) is None
+    with pytest.raises(ConfigError, match="require_api_key: no API key found") as info:
+        read_api_key(ServeConfig(checkpoint="/x", require_api_key=True))
+    monkeypatch.setenv("SOFTMASK_API_KEY", f" {secret}\n")
+    assert read_api_key(ServeConfig(checkpoint="/x", require_api_key=True)) == secret
+    monkeypatch.setenv("OTHER_KEY", "other")
+    assert read_api_key(ServeConfig(checkpoint="/x", api_key_env="OTHER_KEY")) == "other"
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\nsecond line\n")
+    assert read_api_key(ServeConfig(checkpoint="/x", api_key_file=str(key_file))) == "from-file"  # before the env
+    key_file.write_text("\n" + secret)
+    with pytest.raises(ConfigError, match="api_key_file: .* holds no key") as info:
+        read_api_key(ServeConfig(checkpoint="/x", api_key_file=str(key_file)))
+    assert secret not in str(info.value)
+    with pytest.raises(ConfigError, match="api_key_file: cannot read"):
+        read_api_key(ServeConfig(checkpoint="/x", api_key_file=str(tmp_path / "missing")))
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.7", "::"])
+def test_beyond_loopback_without_a_key_is_refused_before_anything_starts(host, monkeypatch):
+    """preflight names the host before it reads the checkpoint (here missing) or touches Ray."""
+    from pipelines.serve import preflight
+
+    monkeypatch.delenv("SOFTMASK_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match=f"host: {host} is not a loopback address: .* needs an API key"):
+        preflight(ServeStageConfig(checkpoint="/x/missing-ckpt", host=host))
+    monkeypatch.setenv("SOFTMASK_API_KEY", "k")  # with a key the host is fine; the missing checkpoint is next
+    with pytest.raises(ConfigError, match="checkpoint"):
+        preflight(ServeStageConfig(checkpoint="/x/missing-ckpt", host=host))
+
+
+def test_cli_refuses_a_public_bind_without_a_key_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("SOFTMASK_API_KEY", "RAY_ADDRESS")}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "serve", "--config",
+                           str(ROOT / "configs" / "serve_debug.yaml"), f"--checkpoint={tmp_path}", "--host=0.0.0.0"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "host: 0.0.0.0 is not a loopback address" in lines[0] and "SOFTMASK_API_KEY" in lines[0], lines

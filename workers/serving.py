@@ -1,6 +1,7 @@
 """Ray Serve application of the soft-mask sampler: a FastAPI ingress in front of a batching sampler deployment.
 
-    HTTP --> CompletionsIngress (CPU, FastAPI: schema, bounds, body size, timeouts, SSE)
+    HTTP --> CompletionsIngress (CPU, FastAPI: API key, schema, bounds, body size, timeouts, SSE;
+               /v1/completions and /v1/chat/completions share one payload, see workers/serving_chat.py)
                --handle--> SamplerDeployment (weights loaded once; @serve.batch groups compatible requests and
                            decodes each group in ONE models.sampling.sample call; see workers/serving_sampler.py)
 
@@ -14,26 +15,29 @@ models/ are imported inside the sampler replica only.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import uuid
 
 from ray import serve
 
 from infra.config import to_dict
-from workers.serving_api import (SSE_DONE, ApiError, CompletionRequest, check_bounds, schema_limits, sse,
-                                 validation_error)
-from workers.serving_config import ServeConfig, as_serve_config, resolve_checkpoint
+from workers.serving_api import (SSE_DONE, ApiError, CompletionRequest, SamplingRequest, check_bounds, schema_limits,
+                                 sse, validation_error)
+from workers.serving_chat import ChatChunks, ChatCompletionRequest, chat_response
+from workers.serving_config import ServeConfig, as_serve_config, read_api_key, resolve_checkpoint
 from workers.serving_sampler import SamplerDeployment
 
 
-def request_payload(req: CompletionRequest, cfg: ServeConfig, request_id: str) -> dict:
-    """The request with every server default filled in: what the sampler deployment receives."""
+def request_payload(req: SamplingRequest, cfg: ServeConfig, request_id: str) -> dict:
+    """The request with every server default filled in: what the sampler deployment receives (``prompts``, or the
+    chat ``messages`` the sampler renders with its tokenizer's template)."""
     max_tokens = req.max_tokens if req.max_tokens is not None else cfg.default_max_tokens
     block = req.block_length if req.block_length is not None else cfg.default_block_length
     if block is not None and block > max_tokens:  # a block longer than the completion: the completion is one block
         block = None
     return {
-        "id": request_id, "prompts": req.prompts(), "n": req.n, "max_tokens": max_tokens,
+        "id": request_id, **req.source(), "n": req.n, "max_tokens": max_tokens,
         "steps": req.steps if req.steps is not None else cfg.default_steps,
         "algorithm": req.algorithm or cfg.default_algorithm,
         "soft_mask": cfg.default_soft_mask if req.soft_mask is None else req.soft_mask,
@@ -88,6 +92,28 @@ class BodyLimitMiddleware:
         return await self.app(scope, replay, send)
 
 
+class ApiKeyMiddleware:
+    """Pure-ASGI guard: with a key configured, every request but ``/healthz`` needs ``Authorization: Bearer <key>``;
+    a missing or wrong key gets 401 in the API's error shape before anything parses the body."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path", "").rstrip("/").endswith("/healthz"):
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(b"authorization")
+        if given is not None and hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        message = ("missing API key: send the header 'Authorization: Bearer <key>'" if given is None
+                   else "incorrect API key")
+        body = json.dumps(ApiError(401, None, message, "invalid_api_key").body()).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def build_fastapi(ing: "CompletionsIngress"):
     """The FastAPI app of one ingress replica (routes close over the replica: its config and sampler handle)."""
     from fastapi import FastAPI
@@ -96,11 +122,14 @@ def build_fastapi(ing: "CompletionsIngress"):
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     from workers.serving_api import CompletionResponse, ModelList
+    from workers.serving_chat import ChatCompletionResponse
 
     cfg = ing.cfg
     app = FastAPI(title="softmask", version="0.1.0",
                   description="Soft-masked diffusion LM sampler: OpenAI-style completions with diffusion extensions")
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_body_bytes)
+    if ing.api_key is not None:  # added last: the outermost layer, before the body is read
+        app.add_middleware(ApiKeyMiddleware, key=ing.api_key)
     # NOTE: Serve registers its own plain-text 503 handler for these after this app is built, so they are turned
     # into ApiError where the handle is awaited instead of through an exception handler.
     overloaded = (BackPressureError, DeploymentUnavailableError)
@@ -113,10 +142,12 @@ def build_fastapi(ing: "CompletionsIngress"):
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     def openapi() -> dict:
-        """FastAPI's schema with this server's configured bounds in CompletionRequest (what check_bounds enforces)."""
+        """FastAPI's schema with this server's configured bounds in both request schemas (what check_bounds
+        enforces)."""
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
-            schema_limits(schema["components"]["schemas"]["CompletionRequest"], cfg.limits())
+            for name in ("CompletionRequest", "ChatCompletionRequest"):
+                schema_limits(schema["components"]["schemas"][name], cfg.limits())
         return app.openapi_schema
 
     app.openapi = openapi
@@ -157,7 +188,9 @@ def build_fastapi(ing: "CompletionsIngress"):
             raise ApiError.from_dict(out["error"])
         return out
 
-    async def stream(payload: dict) -> StreamingResponse:
+    async def stream(payload: dict, opening: list[dict] = (), frames=lambda ev: [ev["data"]]) -> StreamingResponse:
+        """SSE of the sampler's events: ``opening`` frames once accepted, then ``frames(event)`` per step / final
+        event (default: the event's data as the completions endpoint sends it), then ``[DONE]``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cfg.request_timeout_s
         gen = ing.sampler.options(stream=True).complete_stream.remote(payload)
@@ -176,6 +209,8 @@ def build_fastapi(ing: "CompletionsIngress"):
         async def events():
             done = False
             try:
+                for frame in opening:
+                    yield sse(frame)
                 while True:
                     try:
                         ev = await asyncio.wait_for(gen.__anext__(), max(deadline - loop.time(), 1e-3))
@@ -188,7 +223,8 @@ def build_fastapi(ing: "CompletionsIngress"):
                     if ev["type"] == "error":
                         yield sse(ApiError.from_dict(ev["error"]).body())
                         break
-                    yield sse(ev["data"])
+                    for frame in frames(ev):
+                        yield sse(frame)
                     if ev["type"] == "final":
                         done = True
                 yield SSE_DONE
@@ -199,10 +235,12 @@ def build_fastapi(ing: "CompletionsIngress"):
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/completions", response_model=CompletionResponse,
-              responses={400: {"description": "bad JSON / unservable request"}, 404: {"description": "unknown model"},
-                         413: {"description": "body or prompt too large"}, 422: {"description": "invalid field"},
-                         503: {"description": "overloaded"}, 504: {"description": "timed out"}})
+    errors = {400: {"description": "bad JSON / unservable request"}, 401: {"description": "missing or wrong API key"},
+              404: {"description": "unknown model"}, 413: {"description": "body or prompt too large"},
+              422: {"description": "invalid field"}, 503: {"description": "overloaded"},
+              504: {"description": "timed out"}}
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=errors)
     async def completions(body: CompletionRequest):
         """Complete the prompt(s); with ``stream: true`` the answer is a text/event-stream of denoising steps."""
         check_bounds(body, cfg.limits())
@@ -210,6 +248,20 @@ def build_fastapi(ing: "CompletionsIngress"):
         if body.stream:
             return await stream(payload)
         return await complete(payload)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=errors)
+    async def chat_completions(body: ChatCompletionRequest):
+        """The next assistant turn of ``messages`` (see workers/serving_chat.py for the template); with ``stream: true``
+        a text/event-stream of ``chat.completion.chunk`` objects ending with ``[DONE]``."""
+        check_bounds(body, cfg.limits())
+        if body.stream_options is not None and not body.stream:
+            raise ApiError(422, "stream_options", "only allowed with stream: true", "invalid_value")
+        payload = request_payload(body, cfg, f"chatcmpl-{uuid.uuid4().hex}")
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            chunks = ChatChunks(payload["id"], cfg.served_name, body.n, usage)
+            return await stream(payload, chunks.opening(), chunks.frames)
+        return chat_response(await complete(payload))
 
     return app
 
@@ -221,10 +273,11 @@ async def _awaited(response):
 @serve.deployment
 @serve.ingress()
 class CompletionsIngress:
-    """HTTP front door: validation and bounds, request timeouts, back-pressure -> 503, SSE streaming."""
+    """HTTP front door: API key, validation and bounds, request timeouts, back-pressure -> 503, SSE streaming."""
 
     def __init__(self, sampler, cfg: dict):
         self.cfg = as_serve_config(cfg)
+        self.api_key = read_api_key(self.cfg)  # from this replica's environment or key file, never from the config
         self.sampler = sampler
         self._info: dict | None = None
 

@@ -1,10 +1,12 @@
-"""HTTP schemas of the serving stage: OpenAI-style /v1/completions request and response, error bodies, SSE framing.
+"""HTTP schemas of the serving stage: the request fields both endpoints share (SamplingRequest), the OpenAI-style
+/v1/completions request and response, error bodies, SSE framing (the chat schemas: workers/serving_chat.py).
 
 Pure pydantic + stdlib (no Ray, no torch): the ingress validates at the boundary with these models, and the sampler
 deployment returns plain dicts shaped like them. Every rejection names the offending field (`error.param`).
 
 Status codes (all JSON bodies ``{"error": {"message", "type", "param", "code"}}``):
   400  malformed JSON, or a request the model cannot serve (prompt + max_tokens beyond the context, sampler refusal)
+  401  a key is configured and the request lacks ``Authorization: Bearer <key>`` or carries another key
   404  unknown ``model``
   413  body larger than ``max_body_bytes``, or a prompt longer than ``max_prompt_tokens``
   422  wrong type / out-of-range field: the app's OpenAPI schema states every bound, the configured ones included
@@ -33,19 +35,14 @@ CONFIGURED_BOUNDS = {"max_tokens": ("maximum", "max_tokens_limit"), "steps": ("m
                      "prompt": ("maxItems", "max_prompts"), "stop": ("maxItems", "max_stop")}
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions body: the OpenAI completions subset plus diffusion extensions.
-
-    Fields left ``None`` take the server defaults (``ServeConfig.default_*``).
-    """
+class SamplingRequest(BaseModel):
+    """The request fields /v1/completions and /v1/chat/completions share: the OpenAI sampling subset plus the
+    diffusion extensions. Fields left ``None`` take the server defaults (``ServeConfig.default_*``)."""
 
     model_config = ConfigDict(extra="forbid", strict=False)
 
     model: str | None = Field(None, description="served model name (GET /v1/models; 404 for another); None = the "
                                                 "served model")
-    prompt: Union[str, Annotated[list[str], Field(min_length=1)]] = Field(
-        ..., description="prompt text, or a list of prompts (one completion each); an empty prompt asks for "
-                         "unconditional generation. A prompt longer than the server's max_prompt_tokens gets 413")
     max_tokens: int | None = Field(None, ge=1, description="completion length in tokens (the diffusion canvas size); "
                                                            "the prompt's tokens + max_tokens must fit the model's "
                                                            "max_seq_len (GET /v1/models), else 400")
@@ -73,11 +70,34 @@ class CompletionRequest(BaseModel):
     return_trajectory: bool = Field(False, description="include the partial text of every recorded step in each "
                                                        "choice")
 
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def bounded_values(self) -> dict:
+        """The values CONFIGURED_BOUNDS limits (a list field by its length); fields a request kind lacks are absent."""
+        return {"max_tokens": self.max_tokens, "steps": self.steps, "n": self.n, "block_length": self.block_length,
+                "stop": len(self.stops())}
+
+    def source(self) -> dict:
+        """What the sampler conditions on, as the payload carries it (``prompts``, or chat ``messages``)."""
+        raise NotImplementedError
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions body: the OpenAI completions subset plus diffusion extensions."""
+
+    prompt: Union[str, Annotated[list[str], Field(min_length=1)]] = Field(
+        ..., description="prompt text, or a list of prompts (one completion each); an empty prompt asks for "
+                         "unconditional generation. A prompt longer than the server's max_prompt_tokens gets 413")
+
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
-    def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+    def bounded_values(self) -> dict:
+        return {**super().bounded_values(), "prompt": len(self.prompts())}
+
+    def source(self) -> dict:
+        return {"prompts": self.prompts(), "messages": None}
 
 
 class Usage(BaseModel):
@@ -86,13 +106,18 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class CompletionChoice(BaseModel):
+class Choice(BaseModel):
+    """What a choice of either endpoint carries besides its text."""
+
     index: int
-    text: str
     finish_reason: Literal["stop", "length"]
     logprobs: None = None
     trajectory: list[str] | None = Field(None, description="partial texts (masked positions shown as the "
                                                              "placeholder) of the recorded steps")
+
+
+class CompletionChoice(Choice):
+    text: str
 
 
 class SoftMaskFeedback(BaseModel):
@@ -102,12 +127,9 @@ class SoftMaskFeedback(BaseModel):
                                               "entropy below −ω_b")
 
 
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
+class DecodeInfo(BaseModel):
+    """What the decode of a response did (both endpoints' responses carry it)."""
+
     usage: Usage
     nfe: int = Field(..., description="network function evaluations used for this batch")
     batch_size: int = Field(..., description="requests decoded together in the same sample() call")
@@ -122,6 +144,14 @@ class CompletionResponse(BaseModel):
     seed: int | None = Field(None, description="seed that reproduces this response (sent back as `seed`); null when "
                                              "the request shared its decode with others")
     length: int = Field(..., description="decoded canvas length (prompt + completion, rounded up to a bucket)")
+
+
+class CompletionResponse(DecodeInfo):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
 
 
 class SoftMaskState(BaseModel):
@@ -142,6 +172,10 @@ class ModelCard(BaseModel):
     flavor: str
     soft_mask: SoftMaskState | None = Field(None, description="the served model's soft-masking head; null for a "
                                                               "self-conditioning model")
+    chat_template: Literal["tokenizer", "plain"] = Field("plain", description="how /v1/chat/completions renders "
+                                                                             "messages: the tokenizer's own chat "
+                                                                             "template, or the plain User:/Assistant: "
+                                                                             "template")
 
 
 class ModelList(BaseModel):
@@ -189,7 +223,7 @@ def validation_error(errors: list[dict]) -> ApiError:
     return ApiError(422, param, str(first.get("msg", "invalid value")), first.get("type"))
 
 
-def check_bounds(req: CompletionRequest, limits: dict) -> None:
+def check_bounds(req: SamplingRequest, limits: dict) -> None:
     """Configured bounds (``ServeConfig``) and the served model name, as the app's OpenAPI schema states them
     (schema_limits); raises ApiError (422, or 404 for the model) naming the field.
 
@@ -198,22 +232,23 @@ def check_bounds(req: CompletionRequest, limits: dict) -> None:
     if req.model is not None and req.model != limits["model_name"]:
         raise ApiError(404, "model", f"model {req.model!r} is not served here (served: {limits['model_name']!r})",
                        "model_not_found")
-    values = {"max_tokens": req.max_tokens, "steps": req.steps, "n": req.n, "block_length": req.block_length,
-              "prompt": len(req.prompts()), "stop": len(req.stops())}
+    values = req.bounded_values()
     for name, (_, key) in CONFIGURED_BOUNDS.items():
-        value, bound = values[name], limits[key]
+        value, bound = values.get(name), limits[key]
         if value is not None and value > bound:
             what = "number of prompts" if name == "prompt" else ("number of stop strings" if name == "stop" else "value")
             raise ApiError(422, name, f"{what} {value} exceeds the server limit {bound}", "limit_exceeded")
 
 
 def schema_limits(request_schema: dict, limits: dict) -> None:
-    """Write what check_bounds enforces into the OpenAPI schema of CompletionRequest, in place: the configured bounds
+    """Write what check_bounds enforces into the OpenAPI schema of a SamplingRequest, in place: the configured bounds
     (CONFIGURED_BOUNDS; an integer field gets its ``maximum``, a list field or the list member of a union its
-    ``maxItems``) and the served model name (the ``enum`` of ``model``)."""
+    ``maxItems``; a field the request kind lacks is skipped) and the served model name (the ``enum`` of ``model``)."""
     props = request_schema["properties"]
 
     def members(name: str, kind: str) -> list[dict]:
+        if name not in props:
+            return []
         return [node for node in [props[name], *props[name].get("anyOf", [])] if node.get("type") == kind]
 
     for name, (keyword, key) in CONFIGURED_BOUNDS.items():

@@ -74,6 +74,14 @@ class ServeConfig:
     default_block_length: int | None = field(None, "semi-AR block length when omitted (None = one block)")
     default_transparency: str = field("none", "soft-masking transparency schedule when omitted (none, linear, "
                                               "stepwise; models.sampling.TRANSPARENCY)")
+    # --- access (the key itself is never part of the config: only where to read it)
+    api_key_env: str = field("SOFTMASK_API_KEY", "environment variable an ingress replica reads the API key from; "
+                                                 "unset or empty = no key (requests need no Authorization)")
+    api_key_file: str | None = field(None, "file whose first line is the API key, read by each ingress replica; "
+                                           "takes precedence over api_key_env")
+    require_api_key: bool = field(False, "fail closed: an ingress replica that finds no key refuses to start "
+                                         "(`softmask serve` sets it whenever it found a key; set it in cluster "
+                                         "manifests)")
     # --- streaming
     stream_max_events: int = field(32, "most intermediate step events per stream / trajectory entries per choice")
     mask_placeholder: str = field("_", "text shown for a still-masked position in partial (streamed) text")
@@ -116,6 +124,8 @@ class ServeConfig:
                 "must be >= 1 or null")
         require(self.default_transparency in TRANSPARENCY, "default_transparency",
                 f"must be one of {list(TRANSPARENCY)}, got {self.default_transparency!r}")
+        require(bool(self.api_key_env), "api_key_env", "must name an environment variable")
+        require(self.api_key_file is None or bool(self.api_key_file), "api_key_file", "must be a path or null")
 
     @property
     def served_name(self) -> str:
@@ -138,6 +148,25 @@ def as_serve_config(cfg: "ServeConfig | dict") -> ServeConfig:
         return cfg
     names = {f.name for f in dataclasses.fields(ServeConfig)}
     return ServeConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names})
+
+
+def read_api_key(cfg: ServeConfig) -> str | None:
+    """The API key from ``api_key_file`` (its first line) or else the ``api_key_env`` variable; None = no key.
+    Raises ConfigError naming the field for an unreadable or empty key file, or no key under ``require_api_key``.
+
+    NOTE: the key never enters a config, a log line or an error message."""
+    if cfg.api_key_file is not None:
+        path = Path(cfg.api_key_file).expanduser()
+        try:
+            key = (path.read_text().splitlines() or [""])[0].strip()
+        except OSError as e:
+            raise ConfigError(f"api_key_file: cannot read {path} ({e.strerror})") from None
+        require(bool(key), "api_key_file", f"{path} holds no key (its first line is empty)")
+        return key
+    key = os.environ.get(cfg.api_key_env, "").strip() or None
+    require(key is not None or not cfg.require_api_key, "require_api_key",
+            f"no API key found: set the environment variable {cfg.api_key_env} or api_key_file")
+    return key
 
 
 # ------------------------------------------------------------------------------------------ checkpoint resolution

@@ -84,6 +84,8 @@ class SamplerDeployment:
         import models
         from models.sampling import ALGORITHMS as MODEL_ALGORITHMS
         from models.sampling import SamplerConfig, sample
+        from models.tokenizer import NAMED_TOKENIZERS
+        from workers.serving_chat import ChatTemplate, tokenizer_folder
         from workers.serving_config import as_serve_config, check_model
 
         self.cfg = as_serve_config(cfg)
@@ -93,6 +95,8 @@ class SamplerDeployment:
         if self.cfg.torch_threads:
             torch.set_num_threads(self.cfg.torch_threads)
         ckpt, mcfg, self.tok = check_model(self.cfg)
+        self.chat = ChatTemplate.load(self.tok, None if self.tok.spec in NAMED_TOKENIZERS
+                                      else tokenizer_folder(self.tok.spec))
         use_cuda = self.cfg.device == "cuda" or (self.cfg.device == "auto" and self.cfg.num_gpus > 0
                                                  and torch.cuda.is_available())
         self.device = torch.device("cuda" if use_cuda else "cpu")
@@ -108,7 +112,7 @@ class SamplerDeployment:
         self._scheduler: asyncio.Task | None = None
         self._info = {"id": self.cfg.served_name, "object": "model", "created": int(time.time()),
                       "owned_by": "softmask", "max_seq_len": mcfg.max_seq_len, "vocab_size": mcfg.vocab_size,
-                      "flavor": mcfg.flavor, "soft_mask": self._soft_mask_state()}
+                      "flavor": mcfg.flavor, "soft_mask": self._soft_mask_state(), "chat_template": self.chat.name}
         self.stats = {"intake_batches": 0, "decodes": 0, "requests": 0, "max_batch_size": 0, "decode_s": 0.0}
 
     def _soft_mask_state(self) -> dict | None:
@@ -168,10 +172,19 @@ class SamplerDeployment:
     # ------------------------------------------------------------------------------------------------ internals
     def _prepare(self, p: dict) -> _Job:
         """Tokenize and check one request against the model; raises ApiError naming the field. An empty prompt fixes
-        no position: the whole canvas is generated (unconditional generation)."""
+        no position: the whole canvas is generated (unconditional generation). Chat ``messages`` become one prompt
+        through the tokenizer's chat template (workers/serving_chat.py), whose stop strings join the request's."""
         if p["algorithm"] not in ALGORITHMS:
             raise ApiError(422, "algorithm", f"unknown algorithm {p['algorithm']!r}")
-        prompt_ids = self.tok.encode_batch(p["prompts"])
+        if p.get("messages") is not None:
+            try:
+                prompt_ids = [self.chat.encode(p["messages"])]
+            except Exception as e:  # noqa: BLE001 - a template may refuse a conversation (e.g. no system role)
+                raise ApiError(400, "messages", f"the chat template refused them ({type(e).__name__}: {e})",
+                               "chat_template_error") from None
+            p = {**p, "stop": p["stop"] + self.chat.stop}
+        else:
+            prompt_ids = self.tok.encode_batch(p["prompts"])
         longest = max(len(ids) for ids in prompt_ids)
         if longest > self.cfg.max_prompt_tokens:
             raise ApiError(413, "prompt", f"{longest} tokens exceeds max_prompt_tokens={self.cfg.max_prompt_tokens}",
