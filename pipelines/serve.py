@@ -95,6 +95,12 @@ class ServeResult:
         return f"curl -s {self.completions_url}{auth} -H 'Content-Type: application/json' -d '{body}'"
 
 
+def request_headers(cfg: ServeConfig) -> dict:
+    """Headers of a JSON request from this driver to the app: with the Authorization the configured key needs."""
+    key = read_api_key(as_serve_config(cfg))
+    return {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+
+
 def key_source(cfg: ServeConfig) -> str:
     """The shell expression that yields the configured key (for the printed example; the key itself is never shown)."""
     return f"$(head -n1 {cfg.api_key_file})" if cfg.api_key_file else f"${cfg.api_key_env}"

@@ -227,11 +227,12 @@ def run_deploy(cfg: WorkflowConfig, model: dict) -> dict:
         raise ConfigError(f"serve.{e}") from None
     body = {"model": res.model, "prompt": cfg.deploy.prompt, "max_tokens": cfg.deploy.max_tokens,
             "steps": cfg.deploy.steps, "seed": cfg.deploy.seed}
-    req = urllib.request.Request(res.completions_url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    headers = serve_stage.request_headers(scfg)  # with the API key when one is configured
+    req = urllib.request.Request(res.completions_url, data=json.dumps(body).encode(), headers=headers)
     with urllib.request.urlopen(req, timeout=300) as r:
         reply = json.loads(r.read())
-    with urllib.request.urlopen(f"{res.url}/v1/models", timeout=60) as r:  # what is served, its SM head included
+    models = urllib.request.Request(f"{res.url}/v1/models", headers=headers)
+    with urllib.request.urlopen(models, timeout=60) as r:  # what is served, its SM head included
         card = json.loads(r.read())["data"][0]
     return {"stage": "deploy", "url": res.url, "model": res.model, "model_card": card, "request": body, "reply": reply,
             "curl": res.example_curl(), "checkpoint": model["export"], "executed": True, "_serve_result": res}

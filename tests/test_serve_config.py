@@ -165,6 +165,11 @@ def test_the_key_comes_from_the_file_or_the_environment_and_never_shows(tmp_path
     assert secret not in str(info.value)
     with pytest.raises(ConfigError, match="api_key_file: cannot read"):
         read_api_key(ServeConfig(checkpoint="/x", api_key_file=str(tmp_path / "missing")))
+    from pipelines.serve import request_headers  # what the driver's own requests (the deploy stage) send
+
+    assert request_headers(ServeConfig(checkpoint="/x"))["Authorization"] == f"Bearer {secret}"
+    monkeypatch.delenv("SOFTMASK_API_KEY")
+    assert request_headers(ServeConfig(checkpoint="/x")) == {"Content-Type": "application/json"}
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.7", "::"])
