@@ -167,16 +167,23 @@ def _on_this_host(address: str | None) -> bool:
     return host == "localhost" or _is_loopback(host)
 
 
+def check_access(cfg: ServeStageConfig) -> bool:
+    """Whether an API key is configured; ConfigError naming ``host`` for an address beyond loopback without one (or
+    naming the key field that cannot be read)."""
+    keyed = read_api_key(as_serve_config(cfg)) is not None
+    require(keyed or cfg.host == "localhost" or _is_loopback(cfg.host), "host",
+            f"{cfg.host} is not a loopback address: serving beyond this machine needs an API key (set the environment "
+            f"variable {cfg.api_key_env} or api_key_file)")
+    return keyed
+
+
 def preflight(cfg: ServeStageConfig) -> bool:
     """Everything that can be checked before Ray or Serve starts: an address beyond loopback has an API key, the
     checkpoint is there and readable, its tokenizer fits the model, and the HTTP port is free when this command starts
     the Ray that will bind it. ConfigError names the field. Returns whether an API key is configured."""
     import ray
 
-    keyed = read_api_key(as_serve_config(cfg)) is not None
-    require(keyed or cfg.host == "localhost" or _is_loopback(cfg.host), "host",
-            f"{cfg.host} is not a loopback address: serving beyond this machine needs an API key (set the environment "
-            f"variable {cfg.api_key_env} or api_key_file)")
+    keyed = check_access(cfg)
     check_model(as_serve_config(cfg))
     if _cluster(cfg) is None and not ray.is_initialized():  # a Ray of this process may already serve on that port
         check_port(cfg.host, cfg.port)

@@ -244,8 +244,14 @@ def preflight(cfg: WorkflowConfig, sources: bool = True) -> None:
     (a missing init_checkpoint) must not wait for preprocessing to finish first. Raises ConfigError naming the field.
     ``sources``: also check that every preprocess source matches files (off for scheduled runs, whose data may
     arrive later)."""
+    from pipelines.serve import check_access
     from workers import checkpointing
 
+    if "deploy" in cfg.stages:  # a public bind without a key must not wait for training to fail
+        try:
+            check_access(cfg.serve)
+        except ConfigError as e:
+            raise ConfigError(f"serve.{e}") from None
     if sources:
         from pipelines.preprocess_plan import expand_source
         from pipelines.tokenizer_train import resolve_files

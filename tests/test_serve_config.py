@@ -197,3 +197,15 @@ def test_cli_refuses_a_public_bind_without_a_key_in_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "host: 0.0.0.0 is not a loopback address" in lines[0] and "SOFTMASK_API_KEY" in lines[0], lines
+
+
+def test_the_workflow_refuses_a_public_deploy_without_a_key_before_any_stage(monkeypatch):
+    from pipelines.workflow import WorkflowConfig, preflight
+
+    monkeypatch.delenv("SOFTMASK_API_KEY", raising=False)
+    cfg = load_config(WorkflowConfig, ROOT / "configs" / "debug_cpu.yaml", ["serve.host=0.0.0.0"])
+    assert "deploy" in cfg.stages
+    with pytest.raises(ConfigError, match="serve.host: 0.0.0.0 is not a loopback address"):
+        preflight(cfg, sources=False)
+    monkeypatch.setenv("SOFTMASK_API_KEY", "k")
+    preflight(cfg, sources=False)
