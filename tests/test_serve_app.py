@@ -6,7 +6,6 @@ tests/test_serve_cli.py.
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -14,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from infra.net import free_port
 
 APP = "softmask-test"
 # A few lines of real text (Shakespeare, public domain) for a tiny byte-level BPE.
@@ -26,12 +27,6 @@ LINES = [
 ]
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_checkpoint(path: Path) -> Path:
@@ -102,7 +97,7 @@ def server(ray_session, s3_server, checkpoint, tmp_path_factory):
         client.upload_file(str(f), "serve-test", f"ckpt/{f.name}")
     cfg = ServeStageConfig(
         checkpoint="s3://serve-test/ckpt", cache_dir=str(tmp_path_factory.mktemp("ckpt-cache")), model_name="debug",
-        app_name=APP, port=_free_port(), min_replicas=2, max_replicas=3, upscale_delay_s=60, num_cpus=0.25,
+        app_name=APP, port=free_port(), min_replicas=2, max_replicas=3, upscale_delay_s=60, num_cpus=0.25,
         ingress_num_cpus=0.05, max_batch_size=8, max_ongoing_requests=8, batch_wait_timeout_s=0.2,
         max_queued_requests=24,
         request_timeout_s=6.0, max_prompt_tokens=96, max_tokens_limit=200, max_n=4, max_prompts=3, max_stop=2,
