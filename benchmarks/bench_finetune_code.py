@@ -20,7 +20,7 @@ Steps (one process, no Ray):
    Dream's noise and loss (one t ~ U(0.2, 0.8) per batch, mask probability (1 − 1e-3)·t + 1e-3, (1/t) · mean over
    the masked tokens, at least one masked token per row); arm ``binary`` (MDLM) vs arm ``sm`` (two-pass, p_sm 0.5, k=1, SM head lr 1e-2, ω_s started at
    0.25: from the paper's ω_s ≈ 0 init a 100-step arm could not open the SM head, see ``--sm-init-scale``).
-5. HumanEval pass@1 (``models.evaluation.humaneval``; completions executed in limited subprocesses) for each arm at
+5. HumanEval pass@1 (``workers.humaneval_exec``; completions executed in limited subprocesses) for each arm at
    NFE = gen_tokens/4 and gen_tokens/2 with Dream's sampler (``--preset dream_code``: entropy-ordered unmasking,
    temperature 0.1, top-p 0.9, Dream's transfer count; ``--chat-template model`` for instruction-tuned models; SM
    feedback for the SM arm), then the adapted model before fine-tuning when time is left.
@@ -111,7 +111,7 @@ def resolve_checkpoint(model: str, out: Path, dtype: str, log) -> tuple[str, dic
 # ------------------------------------------------------------------------------------------------------ eval
 def humaneval_at(model, tok, *, arm_sm: bool, args, problems, device: str, bf16: bool) -> dict:
     """pass@1 at each NFE fraction of gen_tokens."""
-    from models.evaluation.humaneval import ExecConfig, run_humaneval
+    from workers.humaneval_exec import ExecConfig, run_humaneval
     from models.sampling import SamplerConfig
 
     out = {}

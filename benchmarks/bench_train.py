@@ -103,7 +103,8 @@ def write_dataset(root: str, seq_len: int, rows: int) -> str:
     import numpy as np
     import pyarrow as pa
 
-    from workers.shard_io import DatasetManifest, ShardInfo, join_uri, write_parquet_atomic
+    from infra.storage import join as join_uri
+    from workers.shard_io import DatasetManifest, ShardInfo, write_parquet_atomic
 
     ids = stdlib_tokens((rows + 16) * seq_len).reshape(-1, seq_len).astype(np.int32)
     splits = {}

@@ -8,6 +8,7 @@ import importlib
 
 _EXPORTS = {
     "load_pretrained": "models.checkpoint", "read_config": "models.checkpoint", "save_pretrained": "models.checkpoint",
+    "save_adapters": "models.checkpoint",
     "FLAVORS": "models.config", "ModelConfig": "models.config",
     "DiffusionLM": "models.diffusion_lm", "build_model": "models.diffusion_lm",
     "HFDiffusionConfig": "models.hf_backbone", "HFDiffusionLM": "models.hf_backbone",

@@ -2,7 +2,7 @@
 
     apply_adapters(model, AdapterConfig(r=16, alpha=16, dora=True))   # the paper's SM fine-tuning setting
     merge_adapters(model)                                              # fold into the base weights, drop peft layers
-    save_adapters(model, out, base_checkpoint=base_dir)                # adapters + SM head only (HF backbone)
+    models.save_adapters(model, out, base_checkpoint=base_dir)         # adapters + SM head only (models.checkpoint)
 
 Adapters are injected into ``model.backbone`` in place (``peft.inject_adapter_in_model``): the module tree keeps its
 names; each targeted ``nn.Linear`` becomes a peft LoRA layer holding ``base_layer`` + ``lora_A/B`` (+ the DoRA
@@ -109,20 +109,3 @@ def merge_adapters(model):
     _record(model, None)
     return model
 
-
-def save_adapters(model, path, base_checkpoint, metadata: dict | None = None):
-    """Adapter-only checkpoint: adapters + SM head + config (HF backbone); ``models.load_pretrained(path)`` rebuilds
-    the model from ``base_checkpoint`` (the softmask checkpoint of the un-adapted model, a local path that must
-    still exist at load time) and gives identical logits. Returns the checkpoint path."""
-    from pathlib import Path
-
-    from models.checkpoint import save_pretrained
-
-    if not has_adapters(model) or "base_checkpoint" not in {f.name for f in dataclasses.fields(model.config)}:
-        raise ValueError("save_adapters needs a model with adapters and a config with a base_checkpoint field")
-    own = model.config
-    model.config = dataclasses.replace(own, base_checkpoint=str(Path(base_checkpoint).expanduser().resolve()))
-    try:
-        return save_pretrained(model, path, metadata=metadata)
-    finally:
-        model.config = own

@@ -12,7 +12,7 @@ suppressed.
 - masked_only=True: logits (M, V) of the still-masked rows of x_t only (row-major, = logits[x_t == mask]); the output
   layer and everything after it then run on ~half the positions (the loss reads nothing else); ``rows`` may then pass
   ``flat_rows(x_t == mask)`` in, computed once by the caller. Otherwise ``rows`` (B, L) bool, or its flat indices (M,)
-  from ``models.schedule.flat_rows``, selects any other set of positions the same way (the samplers ask for the ones
+  from ``models.softmask.flat_rows``, selects any other set of positions the same way (the samplers ask for the ones
   they read).
 Unmasked positions carry their token over (SUBS); consumers (loss, samplers) only read masked rows.
 """
@@ -27,8 +27,7 @@ import torch.nn as nn
 
 from models.backbone import Backbone, Gather, no_gather, sparse_embed
 from models.config import ModelConfig
-from models.schedule import flat_rows
-from models.softmask import FeedbackStats, SoftMaskHead
+from models.softmask import FeedbackStats, SoftMaskHead, flat_rows
 
 NEG_INF = -1e6  # finite "−∞" for the [MASK] logit (as MDLM): keeps softmax/entropy NaN-free
 

@@ -1,6 +1,6 @@
 """Any ``transformers`` decoder-only causal LM (Qwen2, Llama, ...) as a masked diffusion LM.
 
-    model = HFDiffusionLM(cfg, causal_lm)          # usually built by models.hf_loading (dir / GGUF / config dict)
+    model = HFDiffusionLM(cfg, causal_lm)          # built by models.hf_loading (dir / GGUF / config dict / checkpoint)
     logits = model(x_t, t, two_pass=..., prev_logits=...)   # the DiffusionLM interface, unchanged
 
 ``HFDiffusionLM`` *is* a :class:`models.DiffusionLM` (same forward, SUBS, SM head, feedback, pass-1 row gather); only
@@ -168,60 +168,3 @@ class HFDiffusionLM(DiffusionLM):
     def causal_lm(self) -> nn.Module:
         return self.backbone.lm
 
-
-# ------------------------------------------------------------------------------------- checkpoint hooks (registry)
-def _alias_keys(sd: dict) -> set[str]:
-    """Keys whose tensor shares storage with an earlier key (tied embeddings): saved once, re-tied on load."""
-    seen, out = set(), set()
-    for k, v in sd.items():
-        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        if ptr in seen:
-            out.add(k)
-        seen.add(ptr)
-    return out
-
-
-def _own_keys(model: HFDiffusionLM, sd: dict) -> set[str]:
-    """Keys an adapter-only checkpoint stores: adapters and the SM head (the rest lives in the base checkpoint)."""
-    from models.adapters import is_adapter_key
-    from models.optim import is_sm_param
-
-    return {k for k in sd if is_adapter_key(k) or is_sm_param(k)}
-
-
-def state_to_save(model: HFDiffusionLM, sd: dict) -> dict:
-    drop = _alias_keys(model.state_dict())
-    if model.config.base_checkpoint:
-        keep = _own_keys(model, sd)
-        return {k: v for k, v in sd.items() if k in keep}
-    return {k: v for k, v in sd.items() if k not in drop}
-
-
-def load_state(model: HFDiffusionLM, sd: dict, path) -> None:
-    own = model.state_dict()
-    required = _own_keys(model, own) if model.config.base_checkpoint else set(own) - _alias_keys(own)
-    missing, unexpected = sorted(required - set(sd)), sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match its config: missing={missing[:8]} "
-                         f"unexpected={unexpected[:8]}")
-    model.load_state_dict(sd, strict=False)
-
-
-def build(cfg: HFDiffusionConfig, init_weights: bool = True) -> HFDiffusionLM:
-    """The model of ``cfg``: random init (``init_weights``), or the weights of ``cfg.base_checkpoint``; then the
-    adapters recorded in ``cfg.adapters`` (fresh: identity at init)."""
-    from models.adapters import AdapterConfig, apply_adapters
-    from models.hf_loading import base_from_checkpoint, build_causal_lm
-
-    if cfg.base_checkpoint:
-        model = HFDiffusionLM(cfg, base_from_checkpoint(cfg))
-    else:
-        model = HFDiffusionLM(cfg, build_causal_lm(cfg, init_weights=init_weights))
-    if cfg.adapters:
-        apply_adapters(model, AdapterConfig.from_dict(cfg.adapters))
-    return model
-
-
-def build_for_load(cfg: HFDiffusionConfig) -> HFDiffusionLM:
-    """As :func:`build`, with uninitialised weights (the checkpoint loader fills every one of them)."""
-    return build(cfg, init_weights=False)

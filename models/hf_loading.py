@@ -1,9 +1,13 @@
-"""Building an HF-backed diffusion LM: from a transformers config dict, a local HF directory, or a GGUF file.
+"""Building an HF-backed diffusion LM: from a transformers config dict, a local HF directory, or a checkpoint.
 
     model = from_config_dict({"model_type": "qwen2", "hidden_size": 64, ...})          # random init (tests)
     model, tok = from_hf_dir("/models/Qwen2.5-Coder-0.5B", shift_logits=True)          # AR checkpoint (Dream recipe)
-    model, tok = from_gguf("/pkgs/smollm2.gguf")                                       # dequantised once, cached
     models.save_pretrained(model, out); tok.save(out)                                  # servable export
+    model = build(cfg)          # the registry's builder for "backbone": "hf" (+ state_to_save / load_state hooks)
+
+GGUF files come in through ``models.gguf`` (dequantised once into an HF directory, then ``from_hf_dir``).
+An adapter-only checkpoint names its base checkpoint; :func:`build` reads that base here, through
+``models.checkpoint_format`` (not the generic loader, which dispatches back to this module).
 
 [MASK]: the tokenizer's mask token when it has one (``models.tokenizer`` role names, or ``mask_token=``), else
 ``<|mask|>`` is appended to the tokenizer; when its id is past the embedding rows the embeddings are resized (new
@@ -20,7 +24,10 @@ from pathlib import Path
 
 import torch
 
+from models.adapters import AdapterConfig, apply_adapters, is_adapter_key
+from models.checkpoint_format import read_config_json, read_weights
 from models.hf_backbone import DTYPES, HFDiffusionConfig, HFDiffusionLM
+from models.optim import is_sm_param
 
 # model_type -> transformers model_type with the same architecture and weight names (no remote code needed).
 # Dream (Dream-org/Dream-v0-*-7B) is Qwen2 with full attention: identical config fields and tensor names.
@@ -60,19 +67,6 @@ def build_causal_lm(cfg: HFDiffusionConfig, init_weights: bool = True):
     if not init_weights:
         lm.tie_weights()  # transformers 5 skips tying under no_init_weights
     return lm
-
-
-def base_from_checkpoint(cfg: HFDiffusionConfig):
-    """The causal LM of an adapter-only checkpoint's base (a softmask HF checkpoint with the same architecture)."""
-    from models.checkpoint import load_pretrained
-
-    base = load_pretrained(cfg.base_checkpoint)
-    same = (isinstance(base, HFDiffusionLM) and not base.config.adapters and base.config.hf_config == cfg.hf_config
-            and base.config.mask_token_id == cfg.mask_token_id)
-    if not same:
-        raise ValueError(f"base_checkpoint {cfg.base_checkpoint} is not the un-adapted HF model these adapters "
-                         f"were trained on (architecture / mask id differ, or it has adapters itself)")
-    return base.causal_lm
 
 
 @torch.no_grad()
@@ -186,21 +180,68 @@ def from_hf_dir(path, *, shift_logits: bool = True, softmask_k: int | None = 1, 
     return model, tok
 
 
-def gguf_to_hf_dir(gguf_path, cache_dir=None) -> Path:
-    """Dequantise a GGUF ONCE into a fp32 safetensors HF directory, cached by the file's sha256."""
-    from models.evaluation.evaluator_lm import _convert_gguf, _sha256_file, cache_root
-
-    gguf = Path(gguf_path).expanduser().resolve()
-    out = Path(cache_dir or cache_root() / "gguf") / f"{gguf.stem}-{_sha256_file(gguf)[:16]}"
-    if not ((out / "model.safetensors").is_file() and (out / "config.json").is_file()):
-        _convert_gguf(gguf, out)
+# -------------------------------------------------------------------- the registry's builder and checkpoint hooks
+def _alias_keys(sd: dict) -> set[str]:
+    """Keys whose tensor shares storage with an earlier key (tied embeddings): saved once, re-tied on load."""
+    seen, out = set(), set()
+    for k, v in sd.items():
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if ptr in seen:
+            out.add(k)
+        seen.add(ptr)
     return out
 
 
-def from_gguf(gguf_path, *, cache_dir=None, **kwargs):
-    """(HFDiffusionLM, TextTokenizer) from a GGUF file (transformers' GGUF support; needs gguf + accelerate).
+def _own_keys(sd: dict) -> set[str]:
+    """Keys an adapter-only checkpoint stores: adapters and the SM head (the rest lives in the base checkpoint)."""
+    return {k for k in sd if is_adapter_key(k) or is_sm_param(k)}
 
-    ``kwargs`` as for :func:`from_hf_dir`. The dequantised copy lives under ``cache_dir`` (default
-    ``$SOFTMASK_CACHE/gguf``), so later loads skip the slow dequantisation.
-    """
-    return from_hf_dir(gguf_to_hf_dir(gguf_path, cache_dir), **kwargs)
+
+def state_to_save(model: HFDiffusionLM, sd: dict) -> dict:
+    if model.config.base_checkpoint:
+        keep = _own_keys(sd)
+        return {k: v for k, v in sd.items() if k in keep}
+    drop = _alias_keys(model.state_dict())
+    return {k: v for k, v in sd.items() if k not in drop}
+
+
+def load_state(model: HFDiffusionLM, sd: dict, path) -> None:
+    own = model.state_dict()
+    required = _own_keys(own) if model.config.base_checkpoint else set(own) - _alias_keys(own)
+    missing, unexpected = sorted(required - set(sd)), sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match its config: missing={missing[:8]} "
+                         f"unexpected={unexpected[:8]}")
+    model.load_state_dict(sd, strict=False)
+
+
+def base_from_checkpoint(cfg: HFDiffusionConfig):
+    """The causal LM of an adapter-only checkpoint's base (a softmask HF checkpoint with the same architecture, read
+    through models.checkpoint_format: config.json, then its weights into an uninitialised model)."""
+    data = read_config_json(cfg.base_checkpoint)
+    base_cfg = HFDiffusionConfig.from_dict(data["model"]) if data.get("backbone") == "hf" else None
+    same = (base_cfg is not None and not base_cfg.adapters and not base_cfg.base_checkpoint
+            and base_cfg.hf_config == cfg.hf_config and base_cfg.mask_token_id == cfg.mask_token_id)
+    if not same:
+        raise ValueError(f"base_checkpoint {cfg.base_checkpoint} is not the un-adapted HF model these adapters "
+                         f"were trained on (architecture / mask id differ, or it has adapters itself)")
+    base = HFDiffusionLM(base_cfg, build_causal_lm(base_cfg, init_weights=False))
+    load_state(base, read_weights(cfg.base_checkpoint), cfg.base_checkpoint)
+    return base.causal_lm.eval()
+
+
+def build(cfg: HFDiffusionConfig, init_weights: bool = True) -> HFDiffusionLM:
+    """The model of ``cfg``: random init (``init_weights``), or the weights of ``cfg.base_checkpoint``; then the
+    adapters recorded in ``cfg.adapters`` (fresh: identity at init)."""
+    if cfg.base_checkpoint:
+        model = HFDiffusionLM(cfg, base_from_checkpoint(cfg))
+    else:
+        model = HFDiffusionLM(cfg, build_causal_lm(cfg, init_weights=init_weights))
+    if cfg.adapters:
+        apply_adapters(model, AdapterConfig.from_dict(cfg.adapters))
+    return model
+
+
+def build_for_load(cfg: HFDiffusionConfig) -> HFDiffusionLM:
+    """As :func:`build`, with uninitialised weights (the checkpoint loader fills every one of them)."""
+    return build(cfg, init_weights=False)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from models.objective_config import ObjectiveConfig
-from models.schedule import build_schedule, flat_rows, mask_tokens, sample_t
-from models.softmask import entropy_topk, gate_open_count
+from models.schedule import build_schedule, mask_tokens, sample_t
+from models.softmask import entropy_topk, flat_rows, gate_open_count
 
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
@@ -57,7 +57,7 @@ NLL = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def masked_elbo_terms(z: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
                       schedule, nll: NLL = token_nll) -> torch.Tensor:
     """w(t)·(−log p_θ(x0)) (M,) for the masked rows only, given their logits z (M, V) (``masked_only`` forward).
-    ``masked`` is the (B, L) mask or its flat row-major indices (M,) (``models.schedule.flat_rows``)."""
+    ``masked`` is the (B, L) mask or its flat row-major indices (M,) (``models.softmask.flat_rows``)."""
     flat = flat_rows(masked) if masked.dtype == torch.bool else masked  # (M,)
     nll = nll(z, x0.reshape(-1).index_select(0, flat))  # (M,)
     weight = schedule.weight(t.to(z.device)).index_select(0, flat // x0.shape[1])  # (M,): w(t) of each row's sample

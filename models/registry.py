@@ -5,7 +5,8 @@
 ``models.checkpoint`` dispatches on the ``"backbone"`` field of config.json through this table (absent = ``"core"``,
 so every checkpoint written before the field existed loads exactly as before). A new backbone registers a spec here;
 nothing else branches on its name. Builders import their heavy dependencies (transformers) lazily.
-Registered: ``core`` (our transformer), ``hf`` (a transformers decoder, models.hf_backbone), ``dit`` (MDLM's DiT,
+Registered: ``core`` (our transformer), ``hf`` (a transformers decoder, models.hf_backbone,
+built by models.hf_loading), ``dit`` (MDLM's DiT,
 models.dit).
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from models import dit, hf_backbone
+from models import dit, hf_backbone, hf_loading
 from models.config import ModelConfig
 from models.diffusion_lm import build_model
 
@@ -44,8 +45,8 @@ class BackboneSpec:
 
 BACKBONES: dict[str, BackboneSpec] = {
     "core": BackboneSpec(ModelConfig, build_model, build_partitioned=build_model),
-    "hf": BackboneSpec(hf_backbone.HFDiffusionConfig, hf_backbone.build, hf_backbone.state_to_save,
-                       hf_backbone.load_state, build_for_load=hf_backbone.build_for_load),
+    "hf": BackboneSpec(hf_backbone.HFDiffusionConfig, hf_loading.build, hf_loading.state_to_save,
+                       hf_loading.load_state, build_for_load=hf_loading.build_for_load),
     "dit": BackboneSpec(dit.DiTConfig, dit.build, build_partitioned=dit.build),
 }
 DEFAULT_BACKBONE = "core"

@@ -99,9 +99,3 @@ def mask_tokens(x0: torch.Tensor, t: torch.Tensor, schedule, mask_id: int, gener
         pick = torch.where(allowed, u, torch.full_like(u, 2.0)).argmin(1)  # (B,)
         masked[none, pick[none]] = True
     return torch.where(masked, torch.full_like(x0, mask_id), x0)
-
-
-def flat_rows(mask: torch.Tensor) -> torch.Tensor:
-    """Row-major flat indices (M,) of the True positions of a (B, L) mask: ``h.flatten(0, 1)[flat_rows(m)]`` equals
-    ``h[m]``. Computing them is one device->host wait; every gather by them afterwards is asynchronous."""
-    return mask.reshape(-1).nonzero().squeeze(1)

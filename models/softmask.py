@@ -16,9 +16,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.schedule import flat_rows
-
 _EPS = 1e-6
+
+
+def flat_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Row-major flat indices (M,) of the True positions of a (B, L) mask: ``h.flatten(0, 1)[flat_rows(m)]`` equals
+    ``h[m]``. Computing them is one device->host wait; every gather by them afterwards is asynchronous."""
+    return mask.reshape(-1).nonzero().squeeze(1)
 
 
 def _inv_softplus(y: float) -> float:

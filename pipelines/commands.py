@@ -299,21 +299,21 @@ def cli_tokenizer(cfg, extras: dict) -> int:
 
 
 def cli_status(cfg: StatusConfig, extras: dict) -> int:
-    from pipelines import lineage
+    from infra import storage
 
     run_id = cfg.run_id
     if not run_id:
-        latest = lineage.read_json(lineage.join(cfg.run_root, "runs", "latest.json"))
+        latest = storage.read_json(storage.join(cfg.run_root, "runs", "latest.json"), missing_ok=True)
         if not latest:
             print(f"no runs under {cfg.run_root}", file=sys.stderr)
             return 1
         run_id = latest["run_id"]
-    lin = lineage.read_json(lineage.join(cfg.run_root, "runs", run_id, "lineage.json"))
+    lin = storage.read_json(storage.join(cfg.run_root, "runs", run_id, "lineage.json"), missing_ok=True)
     if not lin:
         print(f"no lineage for run {run_id} under {cfg.run_root}", file=sys.stderr)
         return 1
     print(f"run {run_id} (workflow {lin.get('config', {}).get('name', '?')!r})\n"
-          f"  lineage    {lineage.join(cfg.run_root, 'runs', run_id, 'lineage.json')}")
+          f"  lineage    {storage.join(cfg.run_root, 'runs', run_id, 'lineage.json')}")
     for st in lin["stages"]:
         where = st.get("dir") or st.get("url")
         extra = {k: st[k] for k in ("export", "report", "manifest") if k in st}

@@ -19,7 +19,6 @@ commit it); Brown "redistribution permitted"; nlp-corpus MIT (contains NSFW line
 from __future__ import annotations
 
 import bz2
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,9 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
+from infra.storage import sha256_file
+from models.cache import cache_root
+
 log = logging.getLogger("softmask.corpus")
 
 # sha256 of registry artifacts that are platform independent (checked after download)
@@ -45,21 +47,9 @@ PINNED_SHA256 = {
 INDEX = "corpus.json"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SOFTMASK_CACHE") or Path.home() / ".cache" / "softmask").expanduser()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_pin(path: Path) -> Path:
     want = PINNED_SHA256.get(path.name)
-    if want and _sha256_file(path) != want:
+    if want and sha256_file(path) != want:
         raise RuntimeError(f"{path.name}: sha256 does not match the pinned {want}; refusing to use it")
     return path
 
@@ -286,7 +276,7 @@ def ensure_corpus(name: str, cache: str | os.PathLike | None = None) -> Path:
     """Directory of the corpus ``name`` (fetched and cleaned on first use). Raises KeyError for unknown names."""
     if name not in CORPORA:
         raise KeyError(f"unknown corpus {name!r}; known: {', '.join(sorted(CORPORA))}")
-    base = Path(cache).expanduser() if cache else cache_dir()
+    base = Path(cache).expanduser() if cache else cache_root()
     root = base / "corpora" / name
     if _index_ok(root):
         return root
@@ -297,7 +287,7 @@ def ensure_corpus(name: str, cache: str | os.PathLike | None = None) -> Path:
         out.mkdir()
         work.mkdir()
         provenance = CORPORA[name](work, out)
-        files = [{"name": p.name, "bytes": p.stat().st_size, "sha256": _sha256_file(p)}
+        files = [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
                  for p in sorted(out.glob("*.txt"))]
         if not files:
             raise RuntimeError(f"corpus {name!r}: no text produced")

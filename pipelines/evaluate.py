@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Literal
 import numpy as np
 
 from infra.config import ConfigError, field, require, to_dict
+from infra.storage import write_atomic
 
 
 @dataclass
@@ -137,22 +137,6 @@ class EvalReport:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write a file via a temp file in the same directory + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def resolve_text_path(spec: str) -> Path:
     """A local path, or corpus://name/file (fetched into the cache by pipelines.corpus)."""
     if spec.startswith("corpus://"):
@@ -459,40 +443,13 @@ def plot_nfe(report: EvalReport, path: str | os.PathLike) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    write_atomic(str(path), buf.getvalue())
 
 
 def write_report(report: EvalReport, plots: bool = True) -> None:
     out = Path(report.output_dir)
-    atomic_write(out / "eval.json", json.dumps(report.to_dict(), indent=2, sort_keys=True))
-    atomic_write(out / "eval.md", markdown(report))
+    write_atomic(str(out / "eval.json"), json.dumps(report.to_dict(), indent=2, sort_keys=True))
+    write_atomic(str(out / "eval.md"), markdown(report))
     if plots and any("gen_ppl" in s for s in report.sampling):
         plot_nfe(report, out / "eval_nfe.png")
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pipelines.evaluate --checkpoint DIR --manifest DATASET [key=value ...]``"""
-    import argparse
-
-    from infra.config import load_config
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=None, help="YAML with an `eval:` section or flat EvalConfig keys")
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--manifest", default=None)
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
-    a = p.parse_args(argv)
-    base = {}
-    if a.config:
-        from infra.config import load_yaml
-
-        data = load_yaml(a.config)
-        base = data.get("eval", data)
-    over = list(a.overrides) + [f"{k}={v}" for k, v in (("checkpoint", a.checkpoint), ("manifest", a.manifest)) if v]
-    rep = run(load_config(EvalConfig, None, over, base=base))
-    print(markdown(rep))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

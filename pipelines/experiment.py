@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from infra.config import config_hash, field, from_dict, require, to_dict
+from infra.storage import write_atomic
 from models.names import OBJECTIVES
-from pipelines.evaluate import EvalConfig, atomic_write
+from pipelines.evaluate import EvalConfig
 
 log = logging.getLogger("softmask.experiment")
 BUDGETS = ("iso_update", "iso_compute", "flop_matched")
@@ -298,7 +299,7 @@ def eval_run(ecfg_dict: dict, key: str) -> dict:
     from pipelines.evaluate import run as evaluate
 
     report = evaluate(from_dict(EvalConfig, ecfg_dict))
-    atomic_write(Path(report.output_dir) / CACHE_KEY, key)
+    write_atomic(str(Path(report.output_dir) / CACHE_KEY), key)
     return report.to_dict()
 
 
@@ -364,7 +365,7 @@ def omega_gradients(cfg: ExperimentConfig, cells: list[Cell], trained: dict, man
         g = omega_gradient(export, manifest, obj, rows=int(cfg.eval.get("val_rows") or 1024),
                            batch=int(cfg.train.get("micro_batch", 32)))
         res[cell.name] = {**g, "export_digest": key}
-        atomic_write(f, json.dumps(res[cell.name]))
+        write_atomic(str(f), json.dumps(res[cell.name]))
     return res
 
 
@@ -450,6 +451,6 @@ def _run(cfg: ExperimentConfig) -> dict:
                "cells": [{"cell": c.__dict__, "name": c.name, "export": trained[c.name]["export"],
                           "train_s": trained[c.name]["train_s"], "run_dir": str(out / "cells" / c.name),
                           "report": reports[c.name], "omega_grad": grads.get(c.name)} for c in cells]}
-    atomic_write(out / "results.json", json.dumps(summary, indent=1, default=float))
+    write_atomic(str(out / "results.json"), json.dumps(summary, indent=1, default=float))
     write_results(summary, str(cfg.report_path))
     return summary

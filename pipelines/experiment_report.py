@@ -15,7 +15,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from pipelines.evaluate import atomic_write
+from infra.storage import write_atomic
 
 LOWER_IS_BETTER = {"val_ppl": True, "val_ppl_two_pass": True, "gen_ppl": True, "mauve": False, "entropy": False}
 SAMPLE_METRICS = ("gen_ppl", "mauve", "entropy", "lambda_mean", "nfe")
@@ -126,7 +126,7 @@ def _train_rows(run_dir: str) -> list[dict]:
 def _save(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
-    atomic_write(path, buf.getvalue())
+    write_atomic(str(path), buf.getvalue())
 
 
 def plots(summary: dict, records: list[dict], stem: Path) -> list[str]:
@@ -309,5 +309,5 @@ def write_results(summary: dict, md_path: str) -> None:
     figs = plots(summary, records, stem) if summary["cells"] else []
     doc = {"name": summary["name"], "command": summary["config"].get("command"), "hardware": summary["hardware"],
            "dataset": {**summary["dataset"], "tokenizer": _rel(summary["dataset"].get("tokenizer"))}, "model_config": summary["model_config"], "runs": records}
-    atomic_write(stem.with_suffix(".json"), json.dumps(doc, indent=1, default=float))
-    atomic_write(md_path, markdown(summary, records, figs))
+    write_atomic(str(stem.with_suffix(".json")), json.dumps(doc, indent=1, default=float))
+    write_atomic(str(md_path), markdown(summary, records, figs))

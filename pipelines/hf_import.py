@@ -69,7 +69,9 @@ def _smollm2_dir() -> Path:
 
 
 def _smollm2_fingerprint() -> str:
-    marker = _smollm2_dir() / "softmask_evaluator.json"
+    from models.gguf import CONVERTED_MARKER
+
+    marker = _smollm2_dir() / CONVERTED_MARKER
     return "gguf-sha256:" + json.loads(marker.read_text())["sha256"]
 
 
@@ -94,7 +96,7 @@ def _qwen_coder_chunks() -> list[Path]:
 
 def assemble_qwen_coder_gguf(cache: Path | None = None) -> Path:
     """Concatenate the six chunks once into ``<cache>/gguf/qwen2.5-coder-0.5b-instruct.gguf`` (sha256-checked)."""
-    from models.evaluation.evaluator_lm import cache_root
+    from models.cache import cache_root
 
     out = Path(cache or cache_root()) / "gguf" / "qwen2.5-coder-0.5b-instruct.gguf"
     if out.is_file() and out.stat().st_size == QWEN_CODER_GGUF_BYTES:
@@ -121,7 +123,7 @@ def assemble_qwen_coder_gguf(cache: Path | None = None) -> Path:
 
 
 def _qwen_coder_dir() -> Path:
-    from models.hf_loading import gguf_to_hf_dir
+    from models.gguf import gguf_to_hf_dir
 
     return gguf_to_hf_dir(assemble_qwen_coder_gguf())
 
@@ -259,7 +261,8 @@ def _existing(out: Path) -> dict | None:
 # ------------------------------------------------------------------------------------------------------ import
 def _load(cfg: HFImportConfig, kind: str):
     """(HFDiffusionLM, TextTokenizer) of the source."""
-    from models.hf_loading import from_gguf, from_hf_dir
+    from models.gguf import from_gguf
+    from models.hf_loading import from_hf_dir
 
     shift = cfg.shift_logits
     if shift is None:

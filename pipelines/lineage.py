@@ -1,4 +1,4 @@
-"""Content-addressed stage records and run lineage (local dir or s3://), written atomically.
+"""Content-addressed stage records and run lineage (local dir or s3://), written atomically (infra.storage).
 
 Each stage writes ``<run_root>/<stage>/<key>/_stage.json`` last; its presence (with the same key) means the stage is
 complete, so a rerun skips it. ``<run_root>/runs/<run_id>/lineage.json`` says what produced what from which inputs;
@@ -9,13 +9,10 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import time
-import uuid
 from pathlib import Path
 
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
+from infra.storage import join, read_json, write_json
 
 MARKER = "_stage.json"
 
@@ -39,44 +36,8 @@ def code_version(*packages: str) -> str:
     return "src-" + h.hexdigest()[:16]
 
 
-def join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *[p.strip("/") for p in parts]])
-
-
-def _fs(uri: str):
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs, path
-
-
-def exists(uri: str) -> bool:
-    fs, path = _fs(uri)
-    return fs.exists(path)
-
-
-def read_json(uri: str) -> dict | None:
-    fs, path = _fs(uri)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as fh:
-        return json.load(fh)
-
-
-def write_json(uri: str, data: dict) -> None:
-    """Atomic: write a temp object next to it, then move it into place (rename locally, copy+delete on S3)."""
-    fs, path = _fs(uri)
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
-    with fs.open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True, default=str)
-    if isinstance(fs, LocalFileSystem):
-        os.replace(tmp, path)
-    else:
-        fs.mv(tmp, path)
-
-
 def stage_record(stage_dir: str) -> dict | None:
-    return read_json(join(stage_dir, MARKER))
+    return read_json(join(stage_dir, MARKER), missing_ok=True)
 
 
 def complete(stage_dir: str, record: dict) -> dict:

@@ -29,6 +29,7 @@ from typing import Literal
 from infra.config import ConfigError, config_hash, field, require, to_dict
 from pipelines import preprocess_plan
 from pipelines.preprocess_plan import expand_source, fingerprint, num_rows, plan_shards
+from infra import storage
 from workers import shard_io
 from workers.tokenize import SPLITS, TokenizeSettings, receipt_uri
 
@@ -120,7 +121,7 @@ class PreprocessConfig:
         return "wrap" if self.mode == "pretrain" else "skip"
 
     def storage_options(self) -> dict:
-        return shard_io.storage_options_from_env({"endpoint_url": self.s3_endpoint_url, "region": self.s3_region})
+        return storage.storage_options_from_env({"endpoint_url": self.s3_endpoint_url, "region": self.s3_region})
 
 
 @dataclass
@@ -152,14 +153,14 @@ def code_version() -> str:
 def _receipt(out: str, job: dict, so: dict) -> dict | None:
     """The job's receipt when its key matches and every shard it names exists with the recorded sha256."""
     try:
-        rec = json.loads(shard_io.read_bytes(receipt_uri(out, job["index"]), so))
+        rec = json.loads(storage.read_bytes(receipt_uri(out, job["index"]), so))
     except (FileNotFoundError, ValueError):
         return None
     if rec.get("key") != job["key"]:
         return None
     for sh in rec["shards"].values():
         try:
-            if shard_io.sha256_hex(shard_io.read_bytes(shard_io.join_uri(out, sh["path"]), so)) != sh["sha256"]:
+            if storage.sha256_hex(storage.read_bytes(storage.join(out, sh["path"]), so)) != sh["sha256"]:
                 return None
         except FileNotFoundError:
             return None
@@ -170,15 +171,15 @@ def _cleanup(out: str, keep: set[str], keep_receipts: set[str], so: dict) -> Non
     """Delete temp leftovers of interrupted writes, and shard files / receipts that the plan does not produce
     (our own naming only)."""
     for split in SPLITS:
-        for uri in shard_io.list_files(shard_io.join_uri(out, split), so):
+        for uri in storage.list_files(storage.join(out, split), so):
             name = uri.rsplit("/", 1)[-1]
             rel = f"{split}/{name}"
-            if shard_io.is_temp_name(uri) or (name.startswith("shard-") and rel not in keep):
-                shard_io.remove(uri, so)
-    for uri in shard_io.list_files(shard_io.join_uri(out, "_progress"), so):
+            if storage.is_temp_name(uri) or (name.startswith("shard-") and rel not in keep):
+                storage.remove(uri, so)
+    for uri in storage.list_files(storage.join(out, "_progress"), so):
         name = uri.rsplit("/", 1)[-1]
-        if shard_io.is_temp_name(uri) or (name.startswith("shard-") and f"_progress/{name}" not in keep_receipts):
-            shard_io.remove(uri, so)
+        if storage.is_temp_name(uri) or (name.startswith("shard-") and f"_progress/{name}" not in keep_receipts):
+            storage.remove(uri, so)
 
 
 # ------------------------------------------------------------------------------------------------ execution
@@ -241,7 +242,7 @@ def execute(cfg: PreprocessConfig) -> PreprocessResult:
     t_start = time.monotonic()
     so = cfg.storage_options()
     out = cfg.output.rstrip("/")
-    if not shard_io.is_s3(out):
+    if not storage.is_s3(out):
         out = os.path.abspath(os.path.expanduser(out))
     tok = load_tokenizer(cfg.tokenizer, add_missing_specials=cfg.tokenizer_add_missing_specials)
     # -------------------------------------------------------------------------------- sources
@@ -283,7 +284,7 @@ def execute(cfg: PreprocessConfig) -> PreprocessResult:
                               f"{old.config_hash} vs {chash}); choose another output or set overwrite=true")
         if not same:  # same recipe, but inputs, tokenizer or code changed (or shards damaged): rebuild in place
             log.info("rebuilding %s: inputs, tokenizer, code or shards changed since its manifest", out)
-        shard_io.remove(shard_io.DatasetManifest.manifest_uri(out), so)  # from here on the dir is "in progress"
+        storage.remove(shard_io.DatasetManifest.manifest_uri(out), so)  # from here on the dir is "in progress"
     # -------------------------------------------------------------------------------- plan + resume
     jobs = plan_shards(cfg, files, settings_hash, so)
     receipts = {j["index"]: r for j in jobs if (r := _receipt(out, j, so)) is not None}
@@ -376,7 +377,7 @@ def _build_manifest(cfg, out, tok, jobs, receipts, skipped, examples, chash, cve
         tok.save(d)
         for name in sorted(os.listdir(d)):
             with open(os.path.join(d, name), "rb") as f:
-                shard_io.write_bytes_atomic(shard_io.join_uri(out, tok_dir, name), f.read(), so)
+                storage.write_atomic(storage.join(out, tok_dir, name), f.read(), so)
     m = shard_io.DatasetManifest(mode=cfg.mode, seq_len=cfg.seq_len, tokenizer={**tok.info(), "dir": tok_dir},
                                  splits=splits, config_hash=chash, sources=sources, code_version=cver, totals=totals,
                                  config=ocfg)

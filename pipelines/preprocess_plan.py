@@ -13,7 +13,7 @@ import os
 from typing import TYPE_CHECKING
 
 from infra.config import ConfigError
-from workers import shard_io
+from infra import storage
 from workers.tokenize import next_boundary
 
 if TYPE_CHECKING:
@@ -53,8 +53,8 @@ def expand_source(src: SourceConfig, i: int, so: dict) -> list[tuple[str, str]]:
 
         name, _, pattern = spec[len("corpus://"):].partition("/")
         spec = os.path.join(str(ensure_corpus(name)), pattern or "*.txt")
-    fs, path = shard_io.filesystem(spec, so)
-    prefix = "s3://" if shard_io.is_s3(spec) else ""
+    fs, path = storage.filesystem(spec, so)
+    prefix = "s3://" if storage.is_s3(spec) else ""
     if globlib.has_magic(path):
         paths = sorted(p for p in fs.glob(path) if not fs.isdir(p))
     elif fs.isdir(path) and (src.format == "hf_disk" or _is_hf_dir(path, fs)):
@@ -72,7 +72,7 @@ def expand_source(src: SourceConfig, i: int, so: dict) -> list[tuple[str, str]]:
 
 def fingerprint(uri: str, kind: str, so: dict) -> dict:
     """sha256 of the content (hf_disk: of its files), size, and rows for row-based kinds."""
-    fs, path = shard_io.filesystem(uri, so)
+    fs, path = storage.filesystem(uri, so)
     if kind == "hf_disk":
         h, size = hashlib.sha256(), 0
         for f in sorted(fs.find(path)):
@@ -92,7 +92,7 @@ def num_rows(fp: dict, hf_split: str, so: dict) -> int:
     if fp["kind"] == "parquet":
         import pyarrow.parquet as pq
 
-        fs, path = shard_io.filesystem(fp["uri"], so)
+        fs, path = storage.filesystem(fp["uri"], so)
         with fs.open(path, "rb") as f:
             return pq.ParquetFile(f).metadata.num_rows
     import datasets
@@ -114,7 +114,7 @@ def byte_ranges(uri: str, size: int, target: int, boundary: str | None, so: dict
     while pos + target < size:
         probe, window, cut = pos + target, 1 << 16, None
         while cut is None and probe < size:
-            data = shard_io.read_bytes(uri, so, probe, min(size, probe + window))
+            data = storage.read_bytes(uri, so, probe, min(size, probe + window))
             off = next_boundary(data, boundary)
             if off is not None and probe + off < size:
                 cut = probe + off

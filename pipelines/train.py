@@ -38,7 +38,7 @@ class TrainResult:
 
 def _storage(cfg: TrainConfig):
     """(storage_path, storage_filesystem) for RunConfig; S3 goes through the s3fs filesystem of workers.shard_io."""
-    from workers.checkpointing import is_remote
+    from infra.storage import is_remote
 
     path = cfg.checkpoint.storage_path
     if not is_remote(path):
@@ -47,7 +47,7 @@ def _storage(cfg: TrainConfig):
         return os.path.abspath(path.removeprefix("file://")), None
     import pyarrow.fs
 
-    from workers.checkpointing import filesystem
+    from infra.storage import filesystem
 
     fs, bucket_path = filesystem(path)
     return bucket_path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
@@ -73,7 +73,7 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan):
         if plan.train_uris and "://" in plan.train_uris[0]:
             import pyarrow.fs
 
-            from workers.checkpointing import filesystem
+            from infra.storage import filesystem
 
             read_fs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem(plan.train_uris[0])[0]))
             uris = [u.split("://", 1)[1] for u in plan.train_uris]
@@ -125,7 +125,7 @@ def _absolute_local_paths(cfg: TrainConfig) -> TrainConfig:
     import dataclasses
     import os
 
-    from workers.checkpointing import is_remote
+    from infra.storage import is_remote
 
     def absolute(path: str) -> str:
         return os.path.abspath(path.removeprefix("file://")) if path and not is_remote(path) else path

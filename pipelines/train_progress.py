@@ -41,7 +41,7 @@ class ProgressPrinter:
 
     def __init__(self, metrics_uri: str, total_steps: int, *, out=None, interval_s: float = 1.0,
                  remote_interval_s: float = 30.0):
-        from workers.checkpointing import filesystem, is_remote
+        from infra.storage import filesystem, is_remote
 
         self.total_steps, self._out = total_steps, out
         self.fs, self.path = filesystem(metrics_uri)

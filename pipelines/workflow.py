@@ -14,9 +14,11 @@ import os
 import sys
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
+from infra import storage
 from infra.config import ConfigError, field, require, to_dict
 from pipelines import lineage
 from pipelines.evaluate import EvalConfig
@@ -28,7 +30,6 @@ from workers.train_config import TrainConfig
 STAGES = ("preprocess", "train", "evaluate", "deploy")
 STAGE_CODE = {"preprocess": ("models", "workers", "infra"), "train": ("models", "workers", "infra"),
               "evaluate": ("models", "workers", "infra", "pipelines")}
-STAGE_RUNS: dict[str, int] = {s: 0 for s in STAGES}  # bodies executed in this process (observability and tests)
 
 
 @dataclass
@@ -76,10 +77,14 @@ class WorkflowConfig:
 
 @dataclass
 class WorkflowResult:
+    """What a workflow call did: one record per stage (``executed``: its body ran in this call, False = skipped as
+    complete or replayed from Prefect's cache), the lineage written, and the deployment when there was one."""
+
     run_id: str
     lineage_uri: str
     records: dict[str, dict]
-    reply: dict | None = None
+    reply: dict | None = None      # the deploy stage's answer to its request
+    serve: Any = None              # pipelines.serve.ServeResult of the deploy stage (the running application)
 
     @property
     def executed(self) -> dict[str, bool]:
@@ -106,23 +111,24 @@ def _without(cfg: Any, *paths: str) -> dict:
     return d
 
 
-def _run_stage(stage: str, key: str, out_dir: str, body: Callable[[], dict], force: bool) -> dict:
-    """Skip when ``out_dir`` holds a completion record for ``key``; else run ``body`` and record it."""
+def _run_stage(stage: str, key: str, out_dir: str, body: Callable[[], dict], force: bool, call_id: str = "") -> dict:
+    """Skip when ``out_dir`` holds a completion record for ``key``; else run ``body`` and record it. A record whose
+    body ran here carries ``call_id`` (the caller's id of this call: a record Prefect replays from its cache carries
+    the id of the call that made it, so the caller can tell the two apart)."""
     rec = lineage.stage_record(out_dir)
     if rec and rec.get("key") == key and not force:
         return {**rec, "executed": False}
-    STAGE_RUNS[stage] += 1
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     outputs = body()
     rec = lineage.complete(out_dir, {"stage": stage, "key": key, "dir": out_dir, "started_at": started, **outputs})
-    return {**rec, "executed": True}
+    return {**rec, "executed": True, "call_id": call_id}
 
 
 def plan_tokenizer(cfg: WorkflowConfig) -> TokenizerTrainConfig | None:
     if cfg.tokenizer is None:
         return None
     key = lineage.digest("tokenizer", _without(cfg.tokenizer, "output"), lineage.code_version("models"))
-    return replace(cfg.tokenizer, output=lineage.join(cfg.run_root, "tokenizers", key))
+    return replace(cfg.tokenizer, output=storage.join(cfg.run_root, "tokenizers", key))
 
 
 def plan_preprocess(cfg: WorkflowConfig) -> tuple[str, PreprocessConfig]:
@@ -134,35 +140,35 @@ def plan_preprocess(cfg: WorkflowConfig) -> tuple[str, PreprocessConfig]:
     if tok:
         ocfg["tokenizer"] = None  # identified by the tokenizer-training config instead of its derived path
     key = lineage.digest("preprocess", ocfg, _without(tok, "output") if tok else None, code_version())
-    return key, replace(pre, output=lineage.join(cfg.run_root, "datasets", key))
+    return key, replace(pre, output=storage.join(cfg.run_root, "datasets", key))
 
 
-def run_preprocess(cfg: WorkflowConfig, force: bool = False) -> dict:
+def run_preprocess(cfg: WorkflowConfig, force: bool = False, call_id: str = "") -> dict:
     from pipelines import preprocess, tokenizer_train
 
     key, pcfg = plan_preprocess(cfg)
     tok = plan_tokenizer(cfg)
 
     def body() -> dict:
-        if tok is not None and (force or not lineage.exists(lineage.join(tok.output, "tokenizer.json"))):
+        if tok is not None and (force or not storage.exists(storage.join(tok.output, "tokenizer.json"))):
             tokenizer_train.run(tok)
         m = preprocess.run(pcfg)
         return {"manifest": pcfg.output, "fingerprint": m.fingerprint, "config": to_dict(pcfg)}
 
-    return _run_stage("preprocess", key, pcfg.output, body, force)
+    return _run_stage("preprocess", key, pcfg.output, body, force, call_id)
 
 
 def plan_train(cfg: WorkflowConfig, data: dict) -> tuple[str, TrainConfig]:
     key = lineage.digest("train", _without(cfg.train, "data.manifest", "checkpoint.storage_path", "output_dir",
                                            "run_name"), data["fingerprint"], lineage.code_version(*STAGE_CODE["train"]))
-    root = lineage.join(cfg.run_root, "train", key)
-    tcfg = replace(cfg.train, run_name="run", output_dir=lineage.join(root, "output"),
+    root = storage.join(cfg.run_root, "train", key)
+    tcfg = replace(cfg.train, run_name="run", output_dir=storage.join(root, "output"),
                    data=replace(cfg.train.data, manifest=data["manifest"]),
                    checkpoint=replace(cfg.train.checkpoint, storage_path=root))
     return key, tcfg
 
 
-def run_train(cfg: WorkflowConfig, data: dict, force: bool = False) -> dict:
+def run_train(cfg: WorkflowConfig, data: dict, force: bool = False, call_id: str = "") -> dict:
     from pipelines import train
 
     key, tcfg = plan_train(cfg, data)
@@ -173,37 +179,37 @@ def run_train(cfg: WorkflowConfig, data: dict, force: bool = False) -> dict:
         return {"export": res.export_uri, "output": res.output_uri, "checkpoint": res.checkpoint_uri,
                 "metrics": res.metrics, "plot": res.plot_uri, "inputs": [data["key"]], "config": to_dict(tcfg)}
 
-    return _run_stage("train", key, lineage.join(cfg.run_root, "train", key), body, force)
+    return _run_stage("train", key, storage.join(cfg.run_root, "train", key), body, force, call_id)
 
 
 def _ship_tokenizer(dataset: str, export: str) -> None:
     """Put the dataset's tokenizer files next to the export, so the export alone can be served or evaluated."""
-    import fsspec
-
-    fs, exp = fsspec.core.url_to_fs(export)
-    if fs.exists(f"{exp}/tokenizer.json"):
+    if storage.exists(storage.join(export, "tokenizer.json")):
         return
-    dfs, tok_dir = fsspec.core.url_to_fs(lineage.join(dataset, "tokenizer"))
-    for path in dfs.ls(tok_dir, detail=False):
-        with dfs.open(path, "rb") as src, fs.open(f"{exp}/{path.rsplit('/', 1)[-1]}", "wb") as dst:
-            dst.write(src.read())
+    files = storage.list_files(storage.join(dataset, "tokenizer"))
+    for path in sorted(files, key=lambda p: p.endswith("/tokenizer.json")):  # the file checked above goes last
+        storage.write_atomic(storage.join(export, path.rsplit("/", 1)[-1]), storage.read_bytes(path))
 
 
-def run_evaluate(cfg: WorkflowConfig, data: dict, model: dict, force: bool = False) -> dict:
+def evaluate_key(cfg: WorkflowConfig, data: dict, model: dict) -> str:
+    return lineage.digest("evaluate", _without(cfg.evaluate, "checkpoint", "manifest", "output_dir"), model["key"],
+                          data["key"], lineage.code_version(*STAGE_CODE["evaluate"]))
+
+
+def run_evaluate(cfg: WorkflowConfig, data: dict, model: dict, force: bool = False, call_id: str = "") -> dict:
     from pipelines import evaluate
 
-    key = lineage.digest("evaluate", _without(cfg.evaluate, "checkpoint", "manifest", "output_dir"), model["key"],
-                         data["key"], lineage.code_version(*STAGE_CODE["evaluate"]))
-    out = lineage.join(cfg.run_root, "eval", key)
+    key = evaluate_key(cfg, data, model)
+    out = storage.join(cfg.run_root, "eval", key)
     ecfg = replace(cfg.evaluate, checkpoint=model["export"], manifest=data["manifest"], output_dir=out)
 
     def body() -> dict:
         report = evaluate.run(ecfg)
         summary = report.to_dict() if hasattr(report, "to_dict") else dataclasses.asdict(report)
-        return {"report": lineage.join(out, "eval.json"), "summary": _small(summary),
+        return {"report": storage.join(out, "eval.json"), "summary": _small(summary),
                 "inputs": [model["key"], data["key"]]}
 
-    return _run_stage("evaluate", key, out, body, force)
+    return _run_stage("evaluate", key, out, body, force, call_id)
 
 
 def _small(d: Any, depth: int = 0) -> Any:
@@ -213,12 +219,12 @@ def _small(d: Any, depth: int = 0) -> Any:
     return d
 
 
-def run_deploy(cfg: WorkflowConfig, model: dict) -> dict:
+def run_deploy(cfg: WorkflowConfig, model: dict):
     """Deploy the export with Ray Serve on the current Ray (a cluster when RAY_ADDRESS/`address` is set) and send one
-    real request. Never cached: a deployment is a side effect."""
+    real request; returns (its record, the ServeResult of the running application). Never cached: a deployment is a
+    side effect."""
     from pipelines import serve as serve_stage
 
-    STAGE_RUNS["deploy"] += 1
     scfg = replace(cfg.serve, checkpoint=model["export"],
                    address=cfg.deploy.address or os.environ.get("RAY_ADDRESS") or cfg.serve.address)
     try:
@@ -235,7 +241,7 @@ def run_deploy(cfg: WorkflowConfig, model: dict) -> dict:
     with urllib.request.urlopen(models, timeout=60) as r:  # what is served, its SM head included
         card = json.loads(r.read())["data"][0]
     return {"stage": "deploy", "url": res.url, "model": res.model, "model_card": card, "request": body, "reply": reply,
-            "curl": res.example_curl(), "checkpoint": model["export"], "executed": True, "_serve_result": res}
+            "curl": res.example_curl(), "checkpoint": model["export"], "executed": True}, res
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
@@ -308,12 +314,13 @@ def execute(cfg: WorkflowConfig, forced: set[str], wrap) -> WorkflowResult:
 
     def call(stage, fn, key_fn, *args):
         marker_ok = _marker_matches(cfg.run_root, stage, key_fn())
-        before = STAGE_RUNS[stage]
+        call_id = uuid.uuid4().hex
         t0 = time.monotonic()
         if stage in forced or not marker_ok:
             say(f"[{stage}] started")
-        rec = wrap(stage, fn, key_fn, stage in forced or not marker_ok)(*args, force=stage in forced)
-        rec = {**rec, "executed": STAGE_RUNS[stage] > before}  # a Prefect cache hit replays the stored record
+        rec = dict(wrap(stage, fn, key_fn, stage in forced or not marker_ok)(*args, force=stage in forced,
+                                                                             call_id=call_id))
+        rec["executed"] = rec.pop("call_id", None) == call_id  # a Prefect cache hit replays an earlier call's record
         say(f"[{stage}] " + (f"done in {time.monotonic() - t0:.0f} s" if rec["executed"] else "skipped: complete")
             + f" -> {rec.get('dir')}")
         return rec
@@ -324,22 +331,19 @@ def execute(cfg: WorkflowConfig, forced: set[str], wrap) -> WorkflowResult:
     if "train" in cfg.stages:
         records["train"] = call("train", _task_train, lambda: plan_train(cfg, data)[0], cfg, data)
     if "evaluate" in cfg.stages:
-        ev_key = lambda: lineage.digest("evaluate", _without(cfg.evaluate, "checkpoint", "manifest", "output_dir"),  # noqa: E731
-                                        records["train"]["key"], data["key"],
-                                        lineage.code_version(*STAGE_CODE["evaluate"]))
-        records["evaluate"] = call("evaluate", _task_evaluate, ev_key, cfg, data, records["train"])
+        records["evaluate"] = call("evaluate", _task_evaluate, lambda: evaluate_key(cfg, data, records["train"]), cfg,
+                                   data, records["train"])
     run_id = lineage.digest(to_dict(cfg), data["fingerprint"], lineage.code_version("models", "workers", "pipelines",
                                                                                       "infra"))
     result = WorkflowResult(run_id=run_id, lineage_uri="", records=records)
     if "deploy" in cfg.stages:
         t0 = time.monotonic()
         say("[deploy] started: Ray Serve, then one request")
-        records["deploy"] = run_deploy(cfg, records["train"])
+        records["deploy"], result.serve = run_deploy(cfg, records["train"])
         say(f"[deploy] done in {time.monotonic() - t0:.0f} s -> {records['deploy']['url']}")
         result.reply = records["deploy"]["reply"]
-    result.lineage_uri = lineage.write_lineage(cfg.run_root, run_id, {
-        "run_id": run_id, "config": to_dict(cfg),
-        "stages": [{k: v for k, v in r.items() if not k.startswith("_")} for r in records.values()]})
+    result.lineage_uri = lineage.write_lineage(cfg.run_root, run_id, {"run_id": run_id, "config": to_dict(cfg),
+                                                                      "stages": list(records.values())})
     return result
 
 
@@ -348,17 +352,17 @@ _MARKER_DIRS = {"preprocess": "datasets", "train": "train", "evaluate": "eval"}
 
 def _marker_matches(run_root: str, stage: str, key: str) -> bool:
     """True when the stage's output is complete on storage (Prefect's cache is only trusted then)."""
-    rec = lineage.stage_record(lineage.join(run_root, _MARKER_DIRS[stage], key))
+    rec = lineage.stage_record(storage.join(run_root, _MARKER_DIRS[stage], key))
     return bool(rec and rec.get("key") == key)
 
 
-def _task_preprocess(cfg: WorkflowConfig, force: bool = False) -> dict:
-    return run_preprocess(cfg, force)
+def _task_preprocess(cfg: WorkflowConfig, force: bool = False, call_id: str = "") -> dict:
+    return run_preprocess(cfg, force, call_id)
 
 
-def _task_train(cfg: WorkflowConfig, data: dict, force: bool = False) -> dict:
-    return run_train(cfg, data, force)
+def _task_train(cfg: WorkflowConfig, data: dict, force: bool = False, call_id: str = "") -> dict:
+    return run_train(cfg, data, force, call_id)
 
 
-def _task_evaluate(cfg: WorkflowConfig, data: dict, model: dict, force: bool = False) -> dict:
-    return run_evaluate(cfg, data, model, force)
+def _task_evaluate(cfg: WorkflowConfig, data: dict, model: dict, force: bool = False, call_id: str = "") -> dict:
+    return run_evaluate(cfg, data, model, force, call_id)

@@ -2,8 +2,9 @@
 that test_serve_app.py and test_serve_app_openai.py both talk to (the `serve_server` fixture of conftest.py)."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
+
+from infra.net import free_port
 
 APP = "softmask-test"
 # A few lines of real text (Shakespeare, public domain) for a tiny byte-level BPE.
@@ -14,12 +15,6 @@ LINES = [
     "The slings and arrows of outrageous fortune, Or to take arms against a sea of troubles",
     "Now is the winter of our discontent Made glorious summer by this sun of York;",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_checkpoint(path: Path) -> Path:
@@ -47,7 +42,7 @@ def shared_app_config(checkpoint_uri: str, cache_dir: str):
 
     return ServeStageConfig(
         checkpoint=checkpoint_uri, cache_dir=cache_dir, model_name="debug",
-        app_name=APP, port=_free_port(), min_replicas=2, max_replicas=3, upscale_delay_s=60, num_cpus=0.25,
+        app_name=APP, port=free_port(), min_replicas=2, max_replicas=3, upscale_delay_s=60, num_cpus=0.25,
         ingress_num_cpus=0.05, max_batch_size=8, max_ongoing_requests=8, batch_wait_timeout_s=0.2,
         max_queued_requests=24,
         request_timeout_s=6.0, max_prompt_tokens=96, max_tokens_limit=200, max_n=4, max_prompts=3, max_stop=2,

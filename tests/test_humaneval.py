@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from models.evaluation.humaneval import (ExecConfig, evaluate, generate_completions, isolation, load_problems,
-                                         pass_at_k, run_humaneval, run_program, truncate_completion)
+from models.evaluation.humaneval import generate_completions, load_problems, truncate_completion
+from workers.humaneval_exec import ExecConfig, evaluate, isolation, pass_at_k, run_humaneval, run_program
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +73,10 @@ def test_programs_have_no_network(mode, monkeypatch):
     """Both isolation modes: the socket API is disabled in either. A program that bypasses it (`_socket`) meets an
     empty network namespace under netns; under the socket guard alone (no user namespaces) it gets through - the
     documented limit of that mode (not a sandbox), asserted so that a change of it is noticed."""
-    from models.evaluation import humaneval
+    from workers import humaneval_exec
 
     if mode == "socket-guard":
-        monkeypatch.setattr(humaneval, "_netns_prefix", lambda: ())  # what run_program does without `unshare -rn`
+        monkeypatch.setattr(humaneval_exec, "_netns_prefix", lambda: ())  # what run_program does without `unshare -rn`
     elif isolation() != "netns":
         pytest.skip("unshare -rn (user + network namespaces) is not permitted on this machine")
     assert isolation() == mode
@@ -112,18 +112,23 @@ def test_pass_at_k_and_truncation():
     assert truncate_completion("    return 1\nif __name__ == '__main__':\n    main()") == "    return 1"
 
 
-def test_generation_with_our_samplers_on_a_tiny_hf_model(problems):
+def tiny_code_model(problems, max_positions: int):
+    """(tokenizer, random tiny Qwen2 diffusion LM, 4-step greedy entropy sampler) for the first HumanEval problems."""
     from models.hf_loading import from_config_dict
     from models.sampling import SamplerConfig
     from models.tokenizer import train_bpe
 
-    picked = problems[:2]
     tok = train_bpe([p["prompt"] + p["canonical_solution"] for p in problems[:20]], vocab_size=300)
     torch.manual_seed(0)
     model = from_config_dict(dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                   num_attention_heads=2, num_key_value_heads=1, vocab_size=tok.vocab_size,
-                                  max_position_embeddings=512), mask_token_id=tok.mask_id).eval()
-    cfg = SamplerConfig(steps=4, algorithm="entropy", temperature=0.0)
+                                  max_position_embeddings=max_positions), mask_token_id=tok.mask_id).eval()
+    return tok, model, SamplerConfig(steps=4, algorithm="entropy", temperature=0.0)
+
+
+def test_generation_with_our_samplers_on_a_tiny_hf_model(problems):
+    picked = problems[:2]
+    tok, model, cfg = tiny_code_model(problems, max_positions=512)
     gens = generate_completions(model, tok, picked, cfg, gen_tokens=8, samples_per_task=2)
     assert set(gens.completions) == {p["task_id"] for p in picked} and gens.samples == 4
     for p in picked:
@@ -138,17 +143,8 @@ def test_generation_with_our_samplers_on_a_tiny_hf_model(problems):
 
 
 def test_batched_generation_keeps_each_prompt_and_the_nfe_budget(problems):
-    from models.hf_loading import from_config_dict
-    from models.sampling import SamplerConfig
-    from models.tokenizer import train_bpe
-
     picked = problems[:3]
-    tok = train_bpe([p["prompt"] + p["canonical_solution"] for p in problems[:20]], vocab_size=300)
-    torch.manual_seed(0)
-    model = from_config_dict(dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                  num_attention_heads=2, num_key_value_heads=1, vocab_size=tok.vocab_size,
-                                  max_position_embeddings=1024), mask_token_id=tok.mask_id).eval()
-    cfg = SamplerConfig(steps=4, algorithm="entropy", temperature=0.0)
+    tok, model, cfg = tiny_code_model(problems, max_positions=1024)
     one = generate_completions(model, tok, picked, cfg, gen_tokens=8, batch_size=1)
     many = generate_completions(model, tok, picked, cfg, gen_tokens=8, batch_size=3, samples_per_task=2)
     assert list(many.completions) == [p["task_id"] for p in picked] and many.samples == 6

@@ -228,8 +228,9 @@ def _write_gguf(path, ref, tokenizer_json):
 
 
 def test_gguf_is_dequantised_once_and_cached(tmp_path, monkeypatch):
-    from models.evaluation import evaluator_lm
-    from models.hf_loading import from_config_dict, from_gguf
+    from models import gguf
+    from models.gguf import from_gguf
+    from models.hf_loading import from_config_dict
 
     n_tok = _bpe(tmp_path / "tok", ["<|endoftext|>"])
     ref = hf_causal_reference(vocab_size=n_tok)
@@ -253,7 +254,7 @@ def test_gguf_is_dequantised_once_and_cached(tmp_path, monkeypatch):
     def no_convert(*a, **k):
         raise AssertionError("GGUF converted twice")
 
-    monkeypatch.setattr(evaluator_lm, "_convert_gguf", no_convert)
+    monkeypatch.setattr(gguf, "convert_gguf", no_convert)
     again, _ = from_gguf(tmp_path / "tiny.gguf", cache_dir=tmp_path / "cache")
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x), atol=0, rtol=0)
@@ -314,7 +315,8 @@ def test_core_checkpoints_are_written_and_read_as_before(tmp_path):
 
 # --------------------------------------------------------------------------------------------- adapters
 def test_dora_adapters_round_trip_adapter_only_save_and_merge(tmp_path):
-    from models.adapters import AdapterConfig, apply_adapters, merge_adapters, save_adapters
+    from models.adapters import AdapterConfig, apply_adapters, merge_adapters
+    from models.checkpoint import save_adapters
 
     model = soft_on(tiny())
     base = models.save_pretrained(model, tmp_path / "base")  # the frozen base the adapters are trained on
@@ -353,6 +355,22 @@ def test_dora_adapters_round_trip_adapter_only_save_and_merge(tmp_path):
     re = models.load_pretrained(models.save_pretrained(merged, tmp_path / "merged"))
     with torch.no_grad():
         torch.testing.assert_close(re(x, two_pass=True), merged(x, two_pass=True), atol=0, rtol=0)
+
+
+def test_adapter_only_checkpoint_refuses_a_base_it_was_not_trained_on(tmp_path):
+    from models.adapters import AdapterConfig, apply_adapters
+    from models.checkpoint import save_adapters
+
+    model = apply_adapters(tiny(), AdapterConfig(r=2, alpha=2, dora=False))
+    other_mask = models.save_pretrained(tiny(mask_token_id=298), tmp_path / "other_mask")  # same architecture
+    core = models.build_model(models.ModelConfig.from_flavor("debug", vocab_size=64, d_model=32, n_layers=1,
+                                                             n_heads=2))
+    not_hf = models.save_pretrained(core, tmp_path / "core")
+    adapted = models.save_pretrained(model, tmp_path / "adapted")  # has adapters itself
+    for i, base in enumerate((other_mask, not_hf, adapted)):
+        only = save_adapters(model, tmp_path / f"only{i}", base_checkpoint=base)
+        with pytest.raises(ValueError, match="is not the un-adapted HF model"):
+            models.load_pretrained(only)
 
 
 def test_worker_adapter_wrapper_targets_hf_projections():

@@ -210,7 +210,7 @@ def test_masked_only_forward_matches_full_logits_and_the_loss_is_unchanged(self_
 def test_flat_row_indices_select_what_the_boolean_mask_selects_and_metrics_stay_on_the_device():
     """The training path gathers masked rows by flat index (one device->host wait per forward instead of one per
     boolean index): rows by index == rows by mask, for the core model, the SM head's feedback and the ELBO terms."""
-    from models.schedule import flat_rows
+    from models.softmask import flat_rows
     from models.objective import masked_elbo_terms
 
     model = _model_with_visible_feedback()

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from serve_support import APP, _free_port, write_checkpoint  # noqa: F401  (re-exported for test_serve_cli)
+from serve_support import APP, write_checkpoint  # noqa: F401  (re-exported for test_serve_cli)
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from test_serve_app import _free_port, post, write_checkpoint
+from infra.net import free_port
+from test_serve_app import post, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -30,7 +31,7 @@ def test_cli_contract_sigint_exits_zero_without_orphans(tmp_path):
     import psutil
 
     checkpoint = write_checkpoint(tmp_path / "debug-ckpt")
-    port = _free_port()
+    port = free_port()
     code = ("import sys; from infra.config import load_config; from pipelines.serve import ServeStageConfig, "
             "serve_forever; sys.exit(serve_forever(load_config(ServeStageConfig, sys.argv[1], sys.argv[2:])))")
     overrides = [f"checkpoint={checkpoint}", f"port={port}", "ray_num_cpus=2", "num_cpus=0.5", "max_replicas=1",

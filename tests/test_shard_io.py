@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from infra import storage
 from workers import shard_io
 from workers.shard_io import DatasetManifest, ShardInfo, read_split_table
 from workers.tokenize import rows_table
@@ -21,7 +22,7 @@ def _dataset(root: str, rows_per_shard=(3, 2), seq_len=8) -> DatasetManifest:
         ids = np.arange(start, start + n * seq_len, dtype=np.int32).reshape(n, seq_len)
         start += n * seq_len
         path = f"train/shard-{i:05d}.parquet"
-        sha = shard_io.write_parquet_atomic(rows_table(ids), shard_io.join_uri(root, path))
+        sha = shard_io.write_parquet_atomic(rows_table(ids), storage.join(root, path))
         shards.append(ShardInfo(path, n, n * seq_len, sha))
     m = DatasetManifest(mode="pretrain", seq_len=seq_len, tokenizer=dict(TOK), splits={"train": shards,
                         "validation": []}, config_hash="c0ffee", sources=[{"uri": "x", "sha256": "00"}],
@@ -86,7 +87,7 @@ def test_manifest_and_shards_on_s3(s3_server, ray_session):
     bucket = s3_server.create_bucket("shardio")
     root = f"{bucket}/ds1"
     m = _dataset(root, rows_per_shard=(4, 3))
-    keys = [u.split("/ds1/", 1)[1] for u in shard_io.list_files(root)]
+    keys = [u.split("/ds1/", 1)[1] for u in storage.list_files(root)]
     assert sorted(keys) == ["manifest.json", "train/shard-00000.parquet", "train/shard-00001.parquet"]
     loaded = DatasetManifest.load(root)
     assert loaded.fingerprint == m.fingerprint and loaded.verify() == []

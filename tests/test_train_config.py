@@ -27,7 +27,8 @@ def write_dataset(root: str, *, seq_len: int = 64, n_train: int = 64, n_val: int
     """
     import pyarrow as pa
 
-    from workers.shard_io import DatasetManifest, ShardInfo, join_uri, write_parquet_atomic
+    from infra.storage import join as join_uri
+    from workers.shard_io import DatasetManifest, ShardInfo, write_parquet_atomic
 
     text = pathlib.Path(sysconfig.get_paths()["stdlib"], source).read_bytes()
     ids = np.resize(np.frombuffer(text, dtype=np.uint8).astype(np.int32), (n_train + n_val) * seq_len)
@@ -50,15 +51,17 @@ def write_dataset(root: str, *, seq_len: int = 64, n_train: int = 64, n_val: int
     return root
 
 
-def train_cfg(manifest: str, **over):
+def train_cfg(manifest: str, *layers: dict, **over):
+    """A TrainConfig: small defaults, then each of ``layers`` and ``over`` (a section's keys merge into it)."""
     from workers.train_config import TrainConfig
 
     base = {"run_name": "unit", "steps": 4, "micro_batch": 4, "global_batch": 8, "data": {"manifest": manifest}}
-    for k, v in over.items():
-        if isinstance(v, dict):
-            base.setdefault(k, {}).update(v)
-        else:
-            base[k] = v
+    for layer in (*layers, over):
+        for k, v in layer.items():
+            if isinstance(v, dict):
+                base.setdefault(k, {}).update(v)
+            else:
+                base[k] = v
     return from_dict(TrainConfig, base)
 
 

@@ -56,7 +56,7 @@ def test_follows_an_s3_object_rewritten_by_another_client(s3_server):
     """What rank 0 does with an S3 output directory: upload the whole metrics file again at each checkpoint."""
     import s3fs
 
-    from workers.checkpointing import filesystem
+    from infra.storage import filesystem
 
     s3_server.create_bucket("progress-test")
     uri = "s3://progress-test/run/output/metrics.jsonl"

@@ -20,30 +20,21 @@ from pathlib import Path
 
 import pytest
 
-from infra.config import from_dict
-from test_train_config import write_dataset
+from test_train_config import train_cfg, write_dataset
 
 pytestmark = pytest.mark.slow
 
 
 def make_cfg(manifest: str, storage: str, name: str, **over):
-    from workers.train_config import TrainConfig
-
-    base = {"run_name": name, "steps": 6, "micro_batch": 4, "global_batch": 8, "eval_every": 3, "ema_decay": 0.9,
-            "data": {"manifest": manifest, "val_batches": 1}, "optim": {"lr": 3e-3},
-            "checkpoint": {"storage_path": storage, "every": 2, "keep_last": 2},
-            "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}}
-    for k, v in over.items():
-        if isinstance(v, dict):
-            base.setdefault(k, {}).update(v)
-        else:
-            base[k] = v
-    return from_dict(TrainConfig, base)
+    return train_cfg(manifest, {"run_name": name, "steps": 6, "eval_every": 3, "ema_decay": 0.9,
+                                "data": {"val_batches": 1}, "optim": {"lr": 3e-3},
+                                "checkpoint": {"storage_path": storage, "every": 2, "keep_last": 2},
+                                "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}}, **over)
 
 
 def records(output_uri: str) -> list[dict]:
     """Every metrics line of a run (restored attempts included), read from local disk or S3."""
-    from workers.checkpointing import filesystem
+    from infra.storage import filesystem
 
     fs, path = filesystem(f"{output_uri.rstrip('/')}/metrics.jsonl")
     with fs.open(path, "r") as f:

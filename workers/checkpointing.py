@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from infra.storage import filesystem, is_remote, read_json
+
 DS_TAG = "ds"
 STATE_FILE = "train_state.json"
 EMA_FILE = "ema.safetensors"
@@ -23,23 +25,6 @@ CKPT_PREFIX = "checkpoint_"
 
 
 # ---------------------------------------------------------------------------------------------- storage io
-def is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
-
-
-def filesystem(uri: str):
-    """(fsspec filesystem, path) for a local path or URI (s3:// endpoint/credentials come from the environment)."""
-    from workers.shard_io import filesystem as shard_fs
-
-    return shard_fs(uri)
-
-
-def read_json(uri: str) -> dict:
-    fs, path = filesystem(uri)
-    with fs.open(path, "r") as f:
-        return json.load(f)
-
-
 def upload_dir(local: str | Path, uri: str) -> None:
     """Copy a local directory's files to ``uri`` (a no-op copy when it is the same local directory)."""
     local = Path(local)

@@ -171,8 +171,9 @@ def read_api_key(cfg: ServeConfig) -> str | None:
 
 # ------------------------------------------------------------------------------------------ checkpoint resolution
 def default_cache_dir() -> Path:
-    root = os.environ.get("SOFTMASK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "softmask")
-    return Path(root) / "checkpoints"
+    from models.cache import cache_root
+
+    return cache_root() / "checkpoints"
 
 
 def resolve_checkpoint(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -186,7 +187,7 @@ def resolve_checkpoint(uri: str, cache_dir: str | os.PathLike | None = None) -> 
         if not (path / "config.json").is_file():
             raise ConfigError(f"checkpoint: {path} is not a checkpoint directory (no config.json)")
         return path
-    from workers.shard_io import filesystem
+    from infra.storage import filesystem
 
     uri = uri.rstrip("/")
     fs, prefix = filesystem(uri)  # endpoint/credentials from the environment, listings cache off

@@ -11,134 +11,25 @@ Training reads a dataset with exactly::
     m = DatasetManifest.load(uri); uris = m.shard_uris("train"); ray.data.read_parquet(uris)
     m.seq_len, m.mode, m.tokenizer["vocab_size" | "mask_id" | "eos_id" | "pad_id"]
 
-NOTE: every write is atomic: a temp name then a rename (local ``os.replace``; S3: temp key, then copy to the final key
-and delete the temp). Parquet bytes are deterministic for a given table and pyarrow version (no timestamps).
+NOTE: every write is atomic (``infra.storage.write_atomic``: temp name, then into place). Parquet bytes are
+deterministic for a given table and pyarrow version (no timestamps).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import os
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+from infra.storage import join, read_bytes, sha256_hex, write_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 MODES = ("pretrain", "sft")
 TOKENIZER_KEYS = ("spec", "sha256", "vocab_size", "eos_id", "mask_id", "pad_id")
 PARQUET_COMPRESSION = "zstd"
-
-
-# ------------------------------------------------------------------------------------------------ filesystems
-def is_s3(uri: str) -> bool:
-    return str(uri).startswith(("s3://", "s3a://"))
-
-
-def join_uri(root: str, *parts: str) -> str:
-    """Join path parts onto a local path or an ``s3://`` URI (no normalisation of the scheme)."""
-    out = str(root).rstrip("/")
-    for p in parts:
-        out = f"{out}/{str(p).strip('/')}"
-    return out
-
-
-def storage_options_from_env(overrides: dict | None = None) -> dict:
-    """s3fs options: endpoint and region from the environment (AWS_ENDPOINT_URL, AWS_REGION/AWS_DEFAULT_REGION),
-    then ``overrides`` (e.g. from a config). Credentials are left to botocore's own chain (environment, profiles)."""
-    opts: dict[str, Any] = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if endpoint:
-        opts["endpoint_url"] = endpoint
-    if region:
-        opts["region"] = region
-    for k, v in (overrides or {}).items():
-        if v is not None:
-            opts[k] = v
-    return opts
-
-
-def filesystem(uri: str, storage_options: dict | None = None):
-    """``(fsspec filesystem, path inside it)`` for a local path or an ``s3://`` URI."""
-    import fsspec
-
-    if is_s3(uri):
-        import s3fs
-
-        opts = storage_options_from_env(storage_options)
-        client_kwargs = {"region_name": opts["region"]} if opts.get("region") else {}
-        # listings cache off: other processes (Ray workers) write the same prefixes
-        fs = s3fs.S3FileSystem(endpoint_url=opts.get("endpoint_url"), client_kwargs=client_kwargs,
-                               use_listings_cache=False)
-        return fs, str(uri).split("://", 1)[1]
-    path = str(uri)[len("file://"):] if str(uri).startswith("file://") else str(uri)
-    return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
-
-
-def read_bytes(uri: str, storage_options: dict | None = None, start: int | None = None,
-               end: int | None = None) -> bytes:
-    """Whole file, or bytes [start, end)."""
-    fs, path = filesystem(uri, storage_options)
-    if start is None and end is None:
-        return fs.cat_file(path)
-    return fs.cat_file(path, start=start, end=end)
-
-
-def exists(uri: str, storage_options: dict | None = None) -> bool:
-    fs, path = filesystem(uri, storage_options)
-    return fs.exists(path)
-
-
-def remove(uri: str, storage_options: dict | None = None) -> None:
-    fs, path = filesystem(uri, storage_options)
-    if fs.exists(path):
-        fs.rm(path, recursive=fs.isdir(path))
-
-
-def list_files(uri: str, storage_options: dict | None = None) -> list[str]:
-    """Every file under ``uri`` (recursive) as full URIs / absolute paths; [] when absent."""
-    fs, path = filesystem(uri, storage_options)
-    if not fs.exists(path):
-        return []
-    prefix = "s3://" if is_s3(uri) else ""
-    return sorted(prefix + p for p in fs.find(path))
-
-
-def write_bytes_atomic(uri: str, data: bytes, storage_options: dict | None = None) -> None:
-    """Write ``data`` under a temp name, then rename it into place (S3: copy to the final key, delete the temp)."""
-    fs, path = filesystem(uri, storage_options)
-    parent, name = path.rsplit("/", 1)
-    tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
-    if is_s3(uri):
-        fs.pipe_file(tmp, data)
-        try:
-            fs.copy(tmp, path)
-        finally:
-            fs.rm(tmp)
-        return
-    os.makedirs(parent, exist_ok=True)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def is_temp_name(uri: str) -> bool:
-    """Leftover of an interrupted atomic write (see :func:`write_bytes_atomic`)."""
-    return ".tmp-" in str(uri).rsplit("/", 1)[-1]
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ parquet
@@ -154,7 +45,7 @@ def parquet_bytes(table) -> bytes:
 def write_parquet_atomic(table, uri: str, storage_options: dict | None = None) -> str:
     """Write ``table`` as one zstd Parquet file atomically; returns the file's sha256."""
     data = parquet_bytes(table)
-    write_bytes_atomic(uri, data, storage_options)
+    write_atomic(uri, data, storage_options)
     return sha256_hex(data)
 
 
@@ -242,7 +133,7 @@ class DatasetManifest:
     @staticmethod
     def manifest_uri(uri: str) -> str:
         """``uri`` may name the dataset root or its manifest.json."""
-        return str(uri) if str(uri).rstrip("/").endswith(".json") else join_uri(str(uri), MANIFEST_NAME)
+        return str(uri) if str(uri).rstrip("/").endswith(".json") else join(str(uri), MANIFEST_NAME)
 
     @classmethod
     def load(cls, uri: str, storage_options: dict | None = None) -> "DatasetManifest":
@@ -273,7 +164,7 @@ class DatasetManifest:
             raise ValueError("DatasetManifest.save: no uri given and the manifest has no root")
         self.fingerprint = self.compute_fingerprint()
         muri = self.manifest_uri(target)
-        write_bytes_atomic(muri, self.to_json().encode(), storage_options)
+        write_atomic(muri, self.to_json().encode(), storage_options)
         self.root = muri.rsplit("/", 1)[0]
         return muri
 
@@ -284,7 +175,7 @@ class DatasetManifest:
             raise KeyError(f"dataset {self.root or '?'} has no split {split!r} (splits: {sorted(self.splits)})")
         if not self.root:
             raise ValueError("DatasetManifest.shard_uris: manifest has no root (load() or save() it first)")
-        return [join_uri(self.root, sh.path) for sh in self.splits[split]]
+        return [join(self.root, sh.path) for sh in self.splits[split]]
 
     def num_rows(self, split: str) -> int:
         return sum(sh.rows for sh in self.splits.get(split, []))

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from infra import storage
 from workers import shard_io
 
 SPLITS = ("train", "validation")
@@ -72,7 +73,7 @@ def shard_name(index: int) -> str:
 
 
 def receipt_uri(out_root: str, index: int) -> str:
-    return shard_io.join_uri(out_root, "_progress", f"shard-{index:05d}.json")
+    return storage.join(out_root, "_progress", f"shard-{index:05d}.json")
 
 
 def is_validation(key: str, fraction: float, salt: str) -> bool:
@@ -99,7 +100,7 @@ def _decode(raw: bytes, where: str) -> str:
 
 
 def _read_text(piece: dict, s: TokenizeSettings) -> Iterator[tuple[str, Any]]:
-    data = shard_io.read_bytes(piece["uri"], s.storage_options, piece["start"], piece["end"])
+    data = storage.read_bytes(piece["uri"], s.storage_options, piece["start"], piece["end"])
     if s.text_document == "file":
         chunks = [(0, data)]
     else:
@@ -121,7 +122,7 @@ def _read_text(piece: dict, s: TokenizeSettings) -> Iterator[tuple[str, Any]]:
 
 
 def _read_jsonl(piece: dict, s: TokenizeSettings) -> Iterator[tuple[str, Any]]:
-    data = shard_io.read_bytes(piece["uri"], s.storage_options, piece["start"], piece["end"])
+    data = storage.read_bytes(piece["uri"], s.storage_options, piece["start"], piece["end"])
     pos = 0
     for line in data.split(b"\n"):
         where = f"{piece['uri']}@{piece['start'] + pos}"
@@ -147,7 +148,7 @@ def _wanted_columns(names: list[str], s: TokenizeSettings) -> list[str]:
 def _read_parquet(piece: dict, s: TokenizeSettings) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
-    fs, path = shard_io.filesystem(piece["uri"], s.storage_options)
+    fs, path = storage.filesystem(piece["uri"], s.storage_options)
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         md = pf.metadata
@@ -341,12 +342,12 @@ class TokenizeShard:
                 stats[k][sp] = v
             if table.num_rows:
                 path = f"{sp}/{shard_name(job['index'])}"
-                sha = shard_io.write_parquet_atomic(table, shard_io.join_uri(s.out_root, path), s.storage_options)
+                sha = shard_io.write_parquet_atomic(table, storage.join(s.out_root, path), s.storage_options)
                 shards[sp] = asdict(shard_io.ShardInfo(path, table.num_rows, table.num_rows * s.seq_len, sha))
         stats["skipped"] = dict(sorted(skipped.items()))
         receipt = {"index": job["index"], "key": job["key"], "shards": shards, "stats": stats,
                    "skip_examples": examples}
-        shard_io.write_bytes_atomic(receipt_uri(s.out_root, job["index"]),
+        storage.write_atomic(receipt_uri(s.out_root, job["index"]),
                                     json.dumps(receipt, sort_keys=True).encode(), s.storage_options)
         return receipt
 

