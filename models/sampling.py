@@ -67,7 +67,8 @@ class SamplerConfig:
                                                         "(models.kv_cache): refreshed by a full forward at each "
                                                         "block's first step; later steps recompute the block and "
                                                         "everything after it (prefix) or the block only (dual). "
-                                                        "Approximate; own backbone without time conditioning only"})
+                                                        "Approximate; our Backbone / DiTBackbone without time "
+                                                        "conditioning only"})
     eta: float | None = field(default=None, metadata={"doc": "ReMDM remasking η (None = the paper's value: 0.04 for "
                                                               "remdm_cap, 0.02 for remdm_loop)"})
     loop_t_on: float = field(default=0.55, metadata={"doc": "remdm_loop: time the loop phase starts (grid 1 -> 0)"})

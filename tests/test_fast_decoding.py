@@ -117,6 +117,35 @@ def test_cache_refuses_models_it_cannot_serve_naming_the_field():
     timed = models.build_model(models.ModelConfig.from_flavor("debug", vocab_size=64, time_conditioning=True))
     with pytest.raises(ValueError, match="^cache: .*time conditioning"):
         sample(timed, SamplerConfig(steps=4, block_length=8, cache="dual"), 1, 16)
-    dit = build_dit(DiTConfig.from_flavor("test"))
-    with pytest.raises(ValueError, match="^cache: .*DiTBackbone"):
+    dit = build_dit(DiTConfig.from_flavor("test", time_conditioning=True))
+    with pytest.raises(ValueError, match="^cache: .*time conditioning"):
         sample(dit, SamplerConfig(steps=4, block_length=8, cache="prefix"), 1, 16)
+
+
+@pytest.fixture(scope="module")
+def dit():
+    """A DiT without time conditioning, every weight random (MDLM's init zeroes the adaLN maps: no block would act)."""
+    torch.manual_seed(0)
+    m = build_dit(DiTConfig.from_flavor("test", time_conditioning=False))
+    with torch.no_grad():
+        for p in m.backbone.parameters():
+            p.normal_(0.0, 0.3)
+    return m.eval()
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_the_dit_caches_too(dit, mode):
+    """DiT (adaLN, σ = 0): a window over unchanged inputs equals the full forward, one step per block equals no cache,
+    several steps per block decode validly with fewer positions."""
+    x = torch.randint(0, 39, (2, 32))
+    full = dit.backbone.hidden(x)  # (B, L, d)
+    h0, kv = hidden_window(dit.backbone, x, 0, None)
+    assert torch.equal(h0, full)
+    a, e = window(mode, (8, 16), 32)
+    torch.testing.assert_close(hidden_window(dit.backbone, x[:, a:e], a, kv)[0], full[:, a:e], rtol=1e-5, atol=1e-5)
+    kw = dict(block_length=8, algorithm="confidence", cache_unchanged=False)
+    ref = sample(dit, SamplerConfig(steps=4, **kw), 2, 32, seed=1)
+    assert torch.equal(sample(dit, SamplerConfig(steps=4, cache=mode, **kw), 2, 32, seed=1).tokens, ref.tokens)
+    slow = sample(dit, SamplerConfig(steps=16, **kw), 2, 32, seed=1)
+    fast = sample(dit, SamplerConfig(steps=16, cache=mode, **kw), 2, 32, seed=1)
+    assert not (fast.tokens == dit.mask_id).any() and fast.positions < slow.positions
