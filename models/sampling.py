@@ -10,6 +10,10 @@ and ``out.nfe`` counts the forwards that ran. Prompt / fixed positions are never
 
 The output layer runs only where a prediction is read (``MaskedLogits``): the still-masked positions with soft-masking
 (their feedback), the current block's masked positions without it. Decoded and prompt positions cost the backbone only.
+
+Fast decoding: ``algorithm="threshold"`` reveals every confident position per step (a block ends when complete), and
+``cache`` "prefix" / "dual" runs each block's later steps on the block (+ suffix) only through the approximate
+key/value cache of ``models.kv_cache``; ``out.positions`` counts the positions the backbone computed.
 """
 from __future__ import annotations
 
