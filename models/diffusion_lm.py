@@ -51,6 +51,24 @@ class MaskedLogits:
             raise ValueError("MaskedLogits.at: some selected positions have no logits (not in rows)")
         return self.z[sel[self.rows]]
 
+    def window(self, a: int, e: int) -> "MaskedLogits":
+        """The prediction of positions [a, e) only, as a MaskedLogits over (B, e − a)."""
+        inside = torch.zeros_like(self.rows)
+        inside[:, a:e] = True
+        tokens = None if self.tokens is None else self.tokens[:, a:e]
+        return MaskedLogits(self.rows[:, a:e], self.z[inside[self.rows]], tokens)  # (M', V)
+
+    def update(self, new: "MaskedLogits", a: int, e: int) -> "MaskedLogits":
+        """A windowed step's prediction ``new`` (rows inside positions [a, e) only) merged into this one: ``new`` in
+        [a, e), this prediction outside it; ``tokens`` are the new ones."""
+        keep = self.rows.clone()
+        keep[:, a:e] = False  # (B, L)
+        rows = keep | new.rows
+        z = new.z.new_empty((int(rows.sum()), new.z.shape[-1]))  # (M, V), row-major over rows
+        z[keep[rows]] = self.z[keep[self.rows]].to(z.dtype)
+        z[new.rows[rows]] = new.z
+        return MaskedLogits(rows, z, new.tokens)
+
 
 class DiffusionLM(nn.Module):
     def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None,
@@ -90,7 +108,14 @@ class DiffusionLM(nn.Module):
         else:
             h = self.backbone.hidden(inputs, t, extra)  # (B, L, d)
             h = h[rows] if rows.dtype == torch.bool else h.flatten(0, 1).index_select(0, rows)  # (M, d)
-            logits = self.backbone.lm_head(h)  # (M, V)
+            return self.logits_of(h)  # (M, V)
+        return self._subs(logits)
+
+    def logits_of(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) of final hidden states h (..., d): the output layer, then SUBS."""
+        return self._subs(self.backbone.lm_head(h))
+
+    def _subs(self, logits: torch.Tensor) -> torch.Tensor:
         logits[..., self.mask_id] = NEG_INF  # SUBS: never predict [MASK]
         if logits.shape[-1] > self.config.vocab_size:
             logits[..., self.config.vocab_size:] = NEG_INF  # padding rows (vocab_pad_multiple) are not tokens

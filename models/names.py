@@ -15,9 +15,14 @@ SCHEDULES = ("loglinear", "cosine", "dream")
 """Noise schedules (models.schedule.SCHEDULES)."""
 Schedule = Literal[SCHEDULES]  # type: ignore[valid-type]  (the same names as a type)
 
-ALGORITHMS = ("ancestral", "remdm_cap", "remdm_loop", "confidence", "margin", "entropy")
+ALGORITHMS = ("ancestral", "remdm_cap", "remdm_loop", "confidence", "margin", "entropy", "threshold")
 """Sampler update rules (models.sampling_rules.UPDATE_RULES)."""
 Algorithm = Literal[ALGORITHMS]  # type: ignore[valid-type]  (the same names as a type)
+
+CACHE_MODES = ("none", "prefix", "dual")
+"""Key/value cache of semi-autoregressive sampling (models.kv_cache): none; prefix = each block's later steps recompute
+the block and everything after it; dual = the block only (cached prefix and suffix)."""
+CacheMode = Literal[CACHE_MODES]  # type: ignore[valid-type]  (the same names as a type)
 
 TRANSPARENCY = ("none", "linear", "stepwise")
 """SM transparency schedules while sampling (models.sampling.TRANSPARENCY)."""

@@ -10,6 +10,10 @@ and ``out.nfe`` counts the forwards that ran. Prompt / fixed positions are never
 
 The output layer runs only where a prediction is read (``MaskedLogits``): the still-masked positions with soft-masking
 (their feedback), the current block's masked positions without it. Decoded and prompt positions cost the backbone only.
+
+Fast decoding: ``algorithm="threshold"`` reveals every confident position per step (a block ends when complete), and
+``cache`` "prefix" / "dual" runs each block's later steps on the block (+ suffix) only through the approximate
+key/value cache of ``models.kv_cache``; ``out.positions`` counts the positions the backbone computed.
 """
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ from typing import Callable
 import torch
 
 from models.diffusion_lm import MaskedLogits
-from models.names import ALGORITHMS, SAMPLER_PRESETS, TOP_P_RULES, TRANSFER_RULES, TRANSPARENCY as TRANSPARENCY_NAMES, check_registry
+from models.kv_cache import check_cacheable, predict_window, window
+from models.names import (ALGORITHMS, CACHE_MODES, SAMPLER_PRESETS, TOP_P_RULES, TRANSFER_RULES,
+                          TRANSPARENCY as TRANSPARENCY_NAMES, check_registry)
 from models.sampling_rules import UPDATE_RULES, StepContext
 from models.softmask import FeedbackStats
 
@@ -37,7 +43,10 @@ check_registry("transparency schedules", TRANSPARENCY_NAMES, TRANSPARENCY)
 
 @dataclass
 class SamplerConfig:
-    steps: int = field(default=128, metadata={"doc": "denoising steps (NFE budget) over the whole sequence"})
+    steps: int = field(default=128, metadata={"doc": "denoising steps (NFE budget) over the whole sequence; each of "
+                                                     "the blocks gets steps // blocks. threshold: a per-block cap (a "
+                                                     "block ends when complete, its last allowed step reveals all "
+                                                     "that is left)"})
     algorithm: str = field(default="ancestral", metadata={"doc": f"update rule: one of {ALGORITHMS}"})
     soft_mask: bool = field(default=True, metadata={"doc": "feed the previous prediction back through the SM head"})
     temperature: float = field(default=1.0, metadata={"doc": "softmax temperature of the sampling copy (0 = greedy)"})
@@ -54,6 +63,16 @@ class SamplerConfig:
                                                                  "least 1); dream floor(batch mean · (1 − s/t)) as "
                                                                  "Dream's sampler"})
     block_length: int | None = field(default=None, metadata={"doc": "semi-autoregressive block size (None = one block)"})
+    threshold: float = field(default=0.9, metadata={"doc": "algorithm threshold: each step reveals every masked "
+                                                           "position of the block whose drawn token has probability "
+                                                           ">= threshold (at least the most confident one); 1 = one "
+                                                           "per step"})
+    cache: str = field(default="none", metadata={"doc": f"key/value cache of block decoding, one of {CACHE_MODES} "
+                                                        "(models.kv_cache): refreshed by a full forward at each "
+                                                        "block's first step; later steps recompute the block and "
+                                                        "everything after it (prefix) or the block only (dual). "
+                                                        "Approximate; our Backbone / DiTBackbone without time "
+                                                        "conditioning only"})
     eta: float | None = field(default=None, metadata={"doc": "ReMDM remasking η (None = the paper's value: 0.04 for "
                                                               "remdm_cap, 0.02 for remdm_loop)"})
     loop_t_on: float = field(default=0.55, metadata={"doc": "remdm_loop: time the loop phase starts (grid 1 -> 0)"})
@@ -85,6 +104,10 @@ class SamplerConfig:
             problems.append(f"transfer_rule must be one of {TRANSFER_RULES}, got {self.transfer_rule!r}")
         if not 0 <= self.t_eps < 1:
             problems.append(f"t_eps must be in [0, 1), got {self.t_eps}")
+        if not 0 < self.threshold <= 1:
+            problems.append(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.cache not in CACHE_MODES:
+            problems.append(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
         if self.block_length is not None and self.block_length < 1:
             problems.append(f"block_length must be >= 1, got {self.block_length}")
         if self.eos_policy not in EOS_POLICIES:
@@ -137,6 +160,7 @@ class SampleOutput:
     trajectory: list[torch.Tensor] | None = None  # per step (N, L), when requested
     lambda_mean: float | None = None  # mean λ over every position soft-masking fed (None: no SM feedback ran)
     gate_open: float | None = None    # share of those positions whose SM gate was open (>= 0.5)
+    positions: int = 0  # sequence positions the backbone computed, summed over rows and forwards
 
 
 def _initial_state(num_samples, length, mask_id, prompt_ids, fixed_tokens, fixed_mask, device):
@@ -189,6 +213,8 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
     schedule = TRANSPARENCY[cfg.transparency] if cfg.soft_mask else None
     if schedule is not None and getattr(model, "sc_proj", None) is not None:
         raise ValueError(f"transparency {cfg.transparency!r} scales the SM head's ω_s; this model is self-conditioning")
+    if cfg.cache != "none":
+        check_cacheable(model)
     generated = (~fixed).sum(1).clamp(min=1)  # (N,) positions each sample generates
 
     def feedback(masked: torch.Tensor) -> dict:
@@ -202,15 +228,23 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
     blocks = _blocks(length, cfg.block_length)
     steps_per_block = max(1, cfg.steps // len(blocks))
     reuse = cfg.cache_unchanged and not model.config.time_conditioning  # same x -> same prediction
-    prev_logits, nfe, step_idx, fed = None, 0, 0, None
+    prev_logits, nfe, step_idx, fed, computed, kv = None, 0, 0, None, 0, None
     trajectory = [] if return_trajectory else None
     positions = torch.arange(length, device=device)
 
-    def forward(x: torch.Tensor, t: float, rows: torch.Tensor | None, masked: torch.Tensor) -> torch.Tensor:
-        nonlocal nfe, fed
-        t_vec = torch.full((num_samples,), t, device=device)
-        z, stats = model(x, t_vec, rows=rows, masked_only=rows is None, with_stats=True, **feedback(masked))
+    def forward(x: torch.Tensor, t: float, rows: torch.Tensor | None, masked: torch.Tensor,
+                span: tuple[int, int] | None = None) -> torch.Tensor:
+        """Logits (M, V) of ``rows`` (None: the masked positions); with ``span`` through the key/value cache (a
+        refresh when it is the whole sequence)."""
+        nonlocal nfe, fed, computed, kv
+        if span is None:
+            t_vec = torch.full((num_samples,), t, device=device)
+            z, stats = model(x, t_vec, rows=rows, masked_only=rows is None, with_stats=True, **feedback(masked))
+        else:
+            refresh = span == (0, length)
+            z, stats, kv = predict_window(model, x, rows, span, None if refresh else kv, **feedback(masked))
         nfe += 1
+        computed += num_samples * (length if span is None else span[1] - span[0])
         if stats is not None and stats.rows:
             fed = stats if fed is None else fed + stats
         return z
@@ -225,11 +259,16 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
             if not active.any():
                 break  # block already complete (e.g. fully prompted)
             t, s = float(ts[i]), float(ts[i + 1])
+            span = None if cfg.cache == "none" else (0, length) if i == 0 else window(cfg.cache, (a, b), length)
             if cached is not None:
                 logits = cached
             else:
                 rows = masked if cfg.soft_mask else active  # where this prediction will be read
-                logits = MaskedLogits(rows, forward(x, t, rows, masked), tokens=x)
+                if span is not None:  # (B, L): a cached step reads the recomputed positions only
+                    rows = rows & (positions >= span[0]) & (positions < span[1])
+                logits = MaskedLogits(rows, forward(x, t, rows, masked, span), tokens=x)
+                if span is not None and span != (0, length) and prev_logits is not None:
+                    logits = prev_logits.update(logits, *span)  # outside the span: the refresh's prediction
             ctx = StepContext(x=x, logits=logits, t=t, s=s, active=active, decoded=~masked & in_block & ~fixed,
                               mask_id=mask_id, cfg=cfg, generator=gen, last=(i == steps_per_block - 1))
             x_new = rule(ctx)
@@ -248,4 +287,4 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
         x = _pad_after_eos(x, fixed, cfg.eos_id)
     model.train(was_training)
     means = fed.means() if fed is not None else {"lambda_mean": None, "gate_open": None}
-    return SampleOutput(tokens=x, nfe=nfe, trajectory=trajectory, **means)
+    return SampleOutput(tokens=x, nfe=nfe, trajectory=trajectory, positions=computed, **means)

@@ -136,30 +136,49 @@ def reveal_counts(active: torch.Tensor, t: float, s: float, last: bool, rule: st
     return torch.clamp(torch.round(n_masked * (1 - s / t)), min=1).long()
 
 
+def _candidates(ctx: StepContext, score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """A candidate token drawn at every active position and its score: (cand (N, L) long, [MASK] elsewhere; conf
+    (N, L) float, −inf elsewhere). The score reads the sampling copy (temperature 0 scores at temperature 1)."""
+    idx = ctx.active.nonzero(as_tuple=True)
+    z = ctx.logits.at(ctx.active)  # (M, V), row-major like idx
+    cand = draw(z, ctx.cfg, ctx.generator)  # (M,)
+    probs = sampling_probs(z, ctx.cfg.temperature or 1.0, ctx.cfg.top_p, ctx.cfg.top_p_rule)
+    conf = torch.full(ctx.x.shape, float("-inf"), device=ctx.x.device)
+    conf[idx] = score(probs, cand).float()
+    cand_full = torch.full_like(ctx.x, ctx.mask_id)
+    cand_full[idx] = cand
+    return cand_full, conf
+
+
 def _confidence_rule(score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
     """Dream/LLaDA-style: sample a candidate everywhere, reveal the most confident masked positions of each row
     (how many: :func:`reveal_counts`)."""
 
     def rule(ctx: StepContext) -> torch.Tensor:
-        x_new = ctx.x.clone()
-        idx = ctx.active.nonzero(as_tuple=True)
-        if idx[0].numel() == 0:
-            return x_new
-        z = ctx.logits.at(ctx.active)  # (M, V), row-major like idx
-        cand = draw(z, ctx.cfg, ctx.generator)  # (M,)
-        probs = sampling_probs(z, ctx.cfg.temperature or 1.0, ctx.cfg.top_p, ctx.cfg.top_p_rule)
-        conf = torch.full(ctx.x.shape, float("-inf"), device=ctx.x.device)
-        conf[idx] = score(probs, cand).float()
+        if not bool(ctx.active.any()):
+            return ctx.x.clone()
+        cand, conf = _candidates(ctx, score)
         n = reveal_counts(ctx.active, ctx.t, ctx.s, ctx.last, ctx.cfg.transfer_rule)  # (N,)
         order = conf.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
                                                 .expand_as(order).contiguous())
         reveal = (rank < n.unsqueeze(1)) & ctx.active
-        cand_full = torch.full_like(ctx.x, ctx.mask_id)
-        cand_full[idx] = cand
-        return torch.where(reveal, cand_full, x_new)
+        return torch.where(reveal, cand, ctx.x)
 
     return rule
+
+
+def threshold(ctx: StepContext) -> torch.Tensor:
+    """Confidence-aware parallel decoding (Fast-dLLM): reveal every active position whose candidate has probability
+    >= ``cfg.threshold`` under the sampling copy (the top probability when greedy), and in each row with an active
+    position at least the most confident one (the first on ties, as ``confidence``); the block's last allowed step
+    reveals all that is left. The grid times are not read: a block ends when it is complete."""
+    if not bool(ctx.active.any()):
+        return ctx.x.clone()
+    cand, conf = _candidates(ctx, _top1)
+    reveal = ctx.active if ctx.last else ctx.active & (conf >= ctx.cfg.threshold)  # (N, L)
+    best = torch.zeros_like(reveal).scatter_(1, conf.argmax(1, keepdim=True), True)  # (N, L): each row's first max
+    return torch.where((reveal | best) & ctx.active, cand, ctx.x)
 
 
 def _top1(probs, cand):
@@ -182,5 +201,6 @@ UPDATE_RULES: dict[str, Callable[[StepContext], torch.Tensor]] = {
     "confidence": _confidence_rule(_top1),
     "margin": _confidence_rule(_margin),
     "entropy": _confidence_rule(_neg_entropy),
+    "threshold": threshold,
 }
 check_registry("sampler update rules", ALGORITHMS, UPDATE_RULES)

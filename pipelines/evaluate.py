@@ -68,6 +68,11 @@ class EvalConfig:
                                                             "sm/self_cond checkpoints)")
     transparency: str = field("none", "SM transparency scheduling while sampling (models.sampling TRANSPARENCY: "
                                       "none, linear, stepwise); applies when soft_mask is on")
+    block_length: int = field(0, "semi-autoregressive block size of the sampler (0 = one block)")
+    threshold: float = field(0.9, "algorithm threshold: reveal every masked position of the block whose drawn token "
+                                  "has at least this probability (at least one per step)")
+    cache: str = field("none", "key/value cache of block decoding (models.names.CACHE_MODES: none, prefix, dual; "
+                               "approximate, see models.kv_cache)")
     sample_chunks: int = field(2, "sampling chunks (one Ray task each; seeds fixed per chunk)")
     use_ray: Literal["auto", "on", "off"] = field("auto", "on: sampling chunks as Ray tasks; off: in-process; auto: "
                                                           "Ray tasks when Ray is initialised or RAY_ADDRESS names a "
@@ -84,7 +89,7 @@ class EvalConfig:
     device: str = field("auto", "torch device of the model, sampler and evaluator (auto: cuda when available)")
 
     def __post_init__(self) -> None:
-        from models.names import ALGORITHMS, TOP_P_RULES, TRANSPARENCY
+        from models.names import ALGORITHMS, CACHE_MODES, TOP_P_RULES, TRANSPARENCY
 
         require(bool(self.checkpoint), "checkpoint", "is required (an export directory)")
         require(bool(self.manifest), "manifest", "is required (the dataset whose validation split is scored)")
@@ -104,6 +109,9 @@ class EvalConfig:
         require(0 <= self.t_eps < 1, "t_eps", "must be in [0, 1)")
         require(self.transparency in TRANSPARENCY, "transparency",
                 f"must be one of {tuple(TRANSPARENCY)}, got {self.transparency!r}")
+        require(self.block_length >= 0, "block_length", "must be >= 0 (0 = one block)")
+        require(0 < self.threshold <= 1, "threshold", f"must be in (0, 1], got {self.threshold}")
+        require(self.cache in CACHE_MODES, "cache", f"must be one of {CACHE_MODES}, got {self.cache!r}")
         require(self.sample_chunks >= 1, "sample_chunks", "must be >= 1")
         require(self.task_cpus > 0, "task_cpus", "must be > 0")
         require(self.gen_ppl_context >= 8, "gen_ppl_context", "must be >= 8")
@@ -278,6 +286,14 @@ def generate(cfg: EvalConfig, sampler: dict, num: int, length: int, prompts=None
             "compute_s": sum(p["wall_s"] for p in parts), "executor": where, **sm}
 
 
+def sampler_settings(cfg: EvalConfig, steps: int, soft: bool) -> dict:
+    """The models.sampling.SamplerConfig fields of one sampling budget (a plain dict: it crosses the Ray boundary)."""
+    return {"steps": steps, "algorithm": cfg.algorithm, "soft_mask": soft,
+            "transparency": cfg.transparency if soft else "none", "top_p": cfg.top_p, "top_p_rule": cfg.top_p_rule,
+            "temperature": cfg.temperature, "t_eps": cfg.t_eps, "cache_unchanged": cfg.cache_unchanged,
+            "block_length": cfg.block_length or None, "threshold": cfg.threshold, "cache": cfg.cache}
+
+
 # ------------------------------------------------------------------------------------------------ the stage
 def _objective_of(model) -> str:
     meta = getattr(model, "checkpoint_metadata", {}) or {}
@@ -358,11 +374,10 @@ def run(cfg: EvalConfig) -> EvalReport:
     sampling = []
     transparency = cfg.transparency if soft else "none"
     for steps in budgets:
-        sampler = {"steps": int(steps), "algorithm": cfg.algorithm, "soft_mask": soft, "transparency": transparency,
-                   "top_p": cfg.top_p, "top_p_rule": cfg.top_p_rule, "temperature": cfg.temperature,
-                   "t_eps": cfg.t_eps, "cache_unchanged": cfg.cache_unchanged}
+        sampler = sampler_settings(cfg, int(steps), soft)
         entry: dict = {"steps": int(steps), "soft_mask": soft, "algorithm": cfg.algorithm,
-                       **({"transparency": transparency} if transparency != "none" else {})}
+                       **({"transparency": transparency} if transparency != "none" else {}),
+                       **({"cache": cfg.cache} if cfg.cache != "none" else {})}
         if cfg.num_samples:
             gen = generate(cfg, sampler, cfg.num_samples, length)
             texts = tok.decode_batch(gen["tokens"])

@@ -107,3 +107,19 @@ def pytest_runtest_teardown(item, nextitem):
         close = item.config.stash.get(_SERVE_CLOSE, None)
         if close is not None:
             close()
+
+
+@pytest.fixture(scope="module")
+def sampling_model():
+    """A random debug model (vocabulary 200) whose SM head matters: ω_s ≈ 0.88, ω_b ≈ −6 (λ large even for the flat
+    prediction of a random model, H ≈ 5.3). For the sampler tests."""
+    import torch
+
+    import models
+
+    torch.manual_seed(0)
+    m = models.build_model(models.ModelConfig.from_flavor("debug", vocab_size=200))
+    with torch.no_grad():
+        m.sm_head.raw_scale.fill_(2.0)
+        m.sm_head.raw_centre.fill_(6.0)
+    return m.eval()

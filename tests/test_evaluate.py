@@ -184,6 +184,9 @@ def test_eval_config_errors_name_the_field():
         from_dict(EvalConfig, {"checkpoint": "c", "manifest": "m", "nfe": [0]})
     with pytest.raises(ConfigError, match="transparency: must be one of"):
         from_dict(EvalConfig, {"checkpoint": "c", "manifest": "m", "transparency": "cosine"})
+    for bad in ({"threshold": 0.0}, {"threshold": 1.5}, {"cache": "all"}, {"block_length": -1}):
+        with pytest.raises(ConfigError, match=f"^{next(iter(bad))}: must be"):
+            from_dict(EvalConfig, {"checkpoint": "c", "manifest": "m", **bad})
 
 
 def test_sampling_chunk_applies_transparency(tmp_path):
@@ -204,6 +207,27 @@ def test_sampling_chunk_applies_transparency(tmp_path):
             for tr in ("none", "stepwise")}
     assert runs["none"]["nfe"] == runs["stepwise"]["nfe"] == 8
     assert runs["none"]["tokens"] != runs["stepwise"]["tokens"]
+
+
+def test_eval_sampler_settings_carry_threshold_cache_and_blocks(tmp_path):
+    """eval.algorithm/threshold/cache/block_length reach the sampling task: threshold decoding with a tiny threshold
+    decodes each block in one forward, and the cached decode is a valid one (no [MASK] left)."""
+    import torch
+
+    import models
+    from pipelines.evaluate import EvalConfig, sample_chunk, sampler_settings
+
+    torch.manual_seed(0)
+    m = models.build_model(models.ModelConfig.from_flavor("debug", vocab_size=200))
+    models.save_pretrained(m, tmp_path / "ckpt")
+    base = {"checkpoint": str(tmp_path / "ckpt"), "manifest": "m", "block_length": 8}
+    fast = from_dict(EvalConfig, {**base, "algorithm": "threshold", "threshold": 1e-9, "cache": "dual"})
+    settings = sampler_settings(fast, 16, True)
+    assert (settings["block_length"], settings["threshold"], settings["cache"]) == (8, 1e-9, "dual")
+    out = sample_chunk(base["checkpoint"], settings, 2, 32, 0)
+    assert out["nfe"] == 4 and m.mask_id not in {t for row in out["tokens"] for t in row}
+    plain = sample_chunk(base["checkpoint"], sampler_settings(from_dict(EvalConfig, base), 16, True), 2, 32, 0)
+    assert plain["nfe"] == 16
 
 
 def test_missing_checkpoint_is_a_config_error(tmp_path):

@@ -7,13 +7,8 @@ from models.sampling import ALGORITHMS, SamplerConfig, _pad_after_eos, sample
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = models.build_model(models.ModelConfig.from_flavor("debug", vocab_size=200))
-    with torch.no_grad():
-        m.sm_head.raw_scale.fill_(2.0)  # make SM matter (ω_s ≈ 0.88)
-        m.sm_head.raw_centre.fill_(6.0)  # ω_b ≈ −6 → λ large even for the flat random model (H ≈ 5.3)
-    return m.eval()
+def model(sampling_model):
+    return sampling_model
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)

@@ -199,3 +199,28 @@ def test_confidence_orders_last_step_reveals_every_active_position(algorithm):
     x_new = UPDATE_RULES[algorithm](context(x, z, 0.2, 0.0, SamplerConfig(algorithm=algorithm, temperature=0.0),
                                             last=True))
     assert (x_new != MASK).all()
+
+
+# ----------------------------------------------------------------------------------------------- threshold
+@pytest.mark.parametrize("threshold, want0, want1", [
+    (0.47, {0, 1, 2, 5}, {0, 1, 5}),  # top probabilities .5, .55, .9, .48 reach it (row 1: 2 is outside the step)
+    (0.6, {2}, {1}),                  # only .9 reaches it; row 1: none does -> its most confident (.55) alone
+    (0.95, {2}, {1}),                 # none reaches it: the most confident position of each row
+])
+def test_threshold_reveals_every_position_at_or_over_the_threshold_and_at_least_one(threshold, want0, want1):
+    orders = [[0, 1, 2, 3, 4, 5], [5, 3, 1, 4, 2, 0]]
+    z = torch.cat([confidence_logits(o) for o in orders])  # (2, 6, V)
+    x = torch.full((2, 6), MASK)
+    outside = torch.zeros_like(x, dtype=torch.bool)
+    outside[1, 4] = True
+    cfg = SamplerConfig(algorithm="threshold", threshold=threshold, temperature=0.0)
+    x_new = UPDATE_RULES["threshold"](context(x, z, 1.0, 0.99, cfg, outside=outside))
+    assert {orders[0][j] for j in range(6) if x_new[0, j] != MASK} == want0
+    assert {orders[1][j] for j in range(6) if x_new[1, j] != MASK} == want1 and x_new[1, 4] == MASK
+    revealed = x_new != MASK
+    assert torch.equal(x_new[revealed], z.argmax(-1)[revealed])  # greedy: each position's top token
+    # the block's last allowed step reveals every active position; a row without one is left as it is
+    done = x.clone()
+    done[1] = DECODED
+    last = UPDATE_RULES["threshold"](context(done, z, 0.2, 0.0, cfg, outside=outside, last=True))
+    assert not (last[0] == MASK).any() and torch.equal(last[1], done[1])

@@ -182,6 +182,12 @@ def test_soft_mask_on_and_off_both_serve(server):
     assert [c["text"] for c in out["choices"]] != outs[True]  # the schedule reached the sampler
     status, out, _ = post(server.completions_url, {**base, "algorithm": "remdm_loop"})
     assert status == 200 and len(out["choices"]) == 4 and all(c["text"] for c in out["choices"]), out
+    # threshold decoding reaches the sampler: a threshold every position passes decodes each block in one forward
+    fast = {**base, "algorithm": "threshold", "threshold": 1e-9, "block_length": 8}
+    for cache in ("none", "prefix", "dual"):
+        status, out, _ = post(server.completions_url, {**fast, "cache": cache})
+        assert status == 200 and all(c["text"] for c in out["choices"]), out
+        assert out["nfe"] == -(-out["length"] // 8) < base["steps"], out
 
 
 def test_streaming_steps_then_final_text(server):
@@ -230,6 +236,9 @@ MALFORMED = [
     ({"prompt": "a", "algorithm": "beam"}, 422, "algorithm"),
     ({"prompt": "a", "soft_mask": "maybe"}, 422, "soft_mask"),
     ({"prompt": "a", "transparency": "cosine"}, 422, "transparency"),
+    ({"prompt": "a", "threshold": 0}, 422, "threshold"),
+    ({"prompt": "a", "threshold": 1.5}, 422, "threshold"),
+    ({"prompt": "a", "cache": "everything"}, 422, "cache"),
     ({"prompt": "a", "seed": -3}, 422, "seed"),
     ({"prompt": "a", "stop": [""]}, 422, "stop"),
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),

@@ -44,6 +44,7 @@ def request_payload(req: SamplingRequest, cfg: ServeConfig, request_id: str) -> 
         "temperature": cfg.default_temperature if req.temperature is None else req.temperature,
         "top_p": cfg.default_top_p if req.top_p is None else req.top_p,
         "transparency": req.transparency or cfg.default_transparency,
+        "threshold": req.threshold, "cache": req.cache,  # None: the sampler's defaults
         "block_length": block, "seed": req.seed, "stop": req.stops(), "stream": req.stream,
         "return_trajectory": req.return_trajectory, "timeout_s": cfg.request_timeout_s,
     }

@@ -22,7 +22,8 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 # the one list of names (torch-free), also the API's types
-from models.names import ALGORITHMS, TRANSPARENCY, Algorithm, Transparency  # noqa: F401  (ALGORITHMS re-exported)
+from models.names import (ALGORITHMS, CACHE_MODES, TRANSPARENCY, Algorithm, CacheMode,  # noqa: F401  (re-exported)
+                          Transparency)
 
 # the largest integer a JSON number holds exactly (an IEEE double): the schema, JavaScript clients and the seed the
 # server draws and returns all agree on it
@@ -67,6 +68,14 @@ class SamplingRequest(BaseModel):
                                                                 "(fade the feedback out as tokens are decoded) or "
                                                                 "stepwise (feedback while over half is masked); None = "
                                                                 "the server default")
+    threshold: float | None = Field(None, gt=0.0, le=1.0, description="algorithm threshold: each step reveals every "
+                                                                      "masked position of the block whose drawn token "
+                                                                      "has at least this probability (at least one); "
+                                                                      "None = the sampler's default")
+    cache: CacheMode | None = Field(None, description=f"key/value cache of block decoding, one of {list(CACHE_MODES)}: "
+                                                      "prefix / dual recompute the block and what follows / the block "
+                                                      "only after each block's first step (approximate; 400 for a model "
+                                                      "that cannot cache); None = none")
     return_trajectory: bool = Field(False, description="include the partial text of every recorded step in each "
                                                        "choice")
 

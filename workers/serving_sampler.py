@@ -7,9 +7,9 @@ Flow of one request (payload = workers.serving.request_payload):
   _schedule (one task per replica): whenever the model is free, takes the OLDEST pending job plus every pending job
       with the same key (up to max_batch_size) and decodes them in ONE models.sampling.sample call, run in the
       replica's single sampler thread so the event loop keeps accepting requests meanwhile.
-      _Job.key = (length class, steps, algorithm, soft_mask, temperature, top_p, block_length, transparency); the
-      length class of a canvas L is the next power of two >= L and a group decodes on the longest canvas of its
-      members (a shorter request reads its completion from its own span; the positions after it are discarded).
+      _Job.key = (length class, steps, algorithm, soft_mask, temperature, top_p, block_length, transparency, threshold,
+      cache); the length class of a canvas L is the next power of two >= L and a group decodes on the longest canvas
+      of its members (a shorter request reads its completion from its own span; the positions after it are discarded).
   on_step feeds partial text to streams and trajectories and aborts a group once all its jobs timed out or left.
 
 NOTE: why a scheduler behind @serve.batch: Serve forms the next batch as soon as requests arrive, *before* it waits
@@ -55,7 +55,7 @@ class _Job:
         """
         p = self.payload
         key = (1 << (self.length - 1).bit_length(), p["steps"], p["algorithm"], p["soft_mask"], p["temperature"], p["top_p"],
-               p["block_length"], p["transparency"])
+               p["block_length"], p["transparency"], p["threshold"], p["cache"])
         return key if p["seed"] is None else key + (id(self),)
 
     @property
@@ -83,6 +83,7 @@ class SamplerDeployment:
 
         import models
         from models.sampling import ALGORITHMS as MODEL_ALGORITHMS
+        from models.kv_cache import check_cacheable
         from models.sampling import SamplerConfig, sample
         from models.tokenizer import NAMED_TOKENIZERS
         from workers.serving_chat import ChatTemplate, tokenizer_folder
@@ -101,7 +102,7 @@ class SamplerDeployment:
                                                  and torch.cuda.is_available())
         self.device = torch.device("cuda" if use_cuda else "cpu")
         self.model = models.load_pretrained(ckpt).to(self.device).eval()
-        self._sample, self._sampler_config = sample, SamplerConfig
+        self._sample, self._sampler_config, self._check_cacheable = sample, SamplerConfig, check_cacheable
         self._sampler_fields = {f.name for f in dataclasses.fields(SamplerConfig)}
         self._torch = torch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softmask-sampler")
@@ -176,6 +177,11 @@ class SamplerDeployment:
         through the tokenizer's chat template (workers/serving_chat.py), whose stop strings join the request's."""
         if p["algorithm"] not in ALGORITHMS:
             raise ApiError(422, "algorithm", f"unknown algorithm {p['algorithm']!r}")
+        if p["cache"] not in (None, "none"):
+            try:
+                self._check_cacheable(self.model)
+            except ValueError as e:
+                raise ApiError(400, "cache", str(e).removeprefix("cache: "), "cache_unsupported") from None
         if p.get("messages") is not None:
             try:
                 prompt_ids = [self.chat.encode(p["messages"])]
@@ -276,7 +282,8 @@ class SamplerDeployment:
         scfg = {k: v for k, v in dict(steps=p0["steps"], algorithm=p0["algorithm"], soft_mask=p0["soft_mask"],
                                       temperature=p0["temperature"], top_p=p0["top_p"],
                                       block_length=p0["block_length"], transparency=p0["transparency"],
-                                      ).items() if k in self._sampler_fields}
+                                      threshold=p0["threshold"], cache=p0["cache"],
+                                      ).items() if k in self._sampler_fields and v is not None}
         seed = p0["seed"] if p0["seed"] is not None else random.randint(0, MAX_SEED)
         future = loop.run_in_executor(self._executor, self._sample_blocking, scfg, rows, length, seed, on_step)
         future.add_done_callback(lambda _f: queue.put_nowait(("done",)))

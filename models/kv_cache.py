@@ -1,0 +1,154 @@
+"""Block-wise approximate key/value cache for semi-autoregressive sampling on our own backbone.
+
+Attention is bidirectional, so a key/value pair depends on every position's input: no cache is exact once any
+input changes. The approximation (as Fast-dLLM's, training-free): at the first step of each block the sampler runs the
+full forward and keeps every layer's rotated keys and values (``KVCache``); the block's later steps recompute only a
+window of positions and attend to the cached keys/values everywhere else:
+
+    prefix: window = [block start, L)     the prefix before the block is read from the cache
+    dual:   window = [block start, block end)   the prefix AND the suffix after the block are read from the cache
+
+What is exact: a step whose inputs equal those of the block's refresh forward (e.g. one step per block) gives the
+no-cache prediction, and so does the refresh step itself. What is approximate: within a block, the cached positions
+keep the keys/values of the refresh forward, i.e. tokens decoded in the block are not seen by the cached prefix and
+suffix (their hidden states are not recomputed), and with soft-masking the soft inputs of cached positions stay frozen
+at refresh time (the masked positions after the block are fed the prediction of the refresh forward; with ``dual``
+that prediction also feeds them at the next block's refresh).
+
+The forward is re-run layer by layer from the backbone's own modules (``LAYERS``: our ``Backbone`` and the MDLM-style
+``DiTBackbone`` without time conditioning; ln1, attn.qkv, attn.rotate, attn.attend, attn.proj, ln2, mlp, adaLN), so the
+weights and the arithmetic are those of the backbone's ``hidden``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from models.backbone import Backbone, TokenInput, rotary_tables
+from models.dit import DiTBackbone, modulate
+from models.names import CACHE_MODES
+
+
+@dataclass
+class KVCache:
+    """Every layer's keys and values of one full forward, rotary applied: ``keys[i]``, ``values[i]`` (B, nh, L, hd)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+def check_cacheable(model) -> None:
+    """Raise ValueError (naming the ``cache`` field) when ``model`` cannot decode with a key/value cache."""
+    backbone = getattr(model, "backbone", None)
+    if type(backbone) not in LAYERS:
+        raise ValueError(f"cache: key/value caching needs the project's Backbone or DiTBackbone, this model has "
+                         f"{type(backbone).__name__} (use cache='none')")
+    if model.config.time_conditioning:
+        raise ValueError("cache: key/value caching needs a model without time conditioning (its keys/values change "
+                         "with t at every step; use cache='none')")
+
+
+def window(mode: str, block: tuple[int, int], length: int) -> tuple[int, int]:
+    """Positions [start, end) a non-refresh step of ``block`` recomputes under cache ``mode``."""
+    a, b = block
+    ends = {"none": (0, length), "prefix": (a, length), "dual": (a, b)}
+    assert tuple(ends) == CACHE_MODES
+    return ends[mode]
+
+
+def _slice_input(inputs: TokenInput, a: int, e: int) -> TokenInput:
+    if isinstance(inputs, tuple):
+        return tuple(u[:, a:e] for u in inputs)  # ids, weights (B, w, K)
+    return inputs[:, a:e]  # (B, w)
+
+
+def _attention(attn, x: torch.Tensor, cos, sin, start: int, cache: KVCache | None, i: int, keys, values):
+    """Attention of the window's normalised inputs x (B, w, d) over its own keys/values and, with ``cache``, the
+    cached ones of layer ``i`` outside it; a refresh appends the layer's keys/values to ``keys``/``values``."""
+    B, w, _ = x.shape
+    q, k, v = attn.qkv(x).view(B, w, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, w, hd)
+    q, k = attn.rotate(q, cos, sin), attn.rotate(k, cos, sin)
+    if cache is None:
+        keys.append(k)
+        values.append(v)
+    else:  # the window's fresh keys/values between the cached ones: (B, nh, L, hd)
+        ck, cv = cache.keys[i], cache.values[i]
+        k = torch.cat([ck[:, :, :start], k, ck[:, :, start + w:]], dim=2)
+        v = torch.cat([cv[:, :, :start], v, cv[:, :, start + w:]], dim=2)
+    y = attn.attend(q, k, v)  # (B, nh, w, hd)
+    return attn.proj(y.transpose(1, 2).reshape(B, w, -1))  # (B, w, d)
+
+
+def _own_layers(backbone: Backbone, h, L: int, start: int, attention) -> torch.Tensor:
+    """Backbone.hidden's blocks and final norm on the window h (B, w, d)."""
+    cos, sin = backbone._rotary(L, h.device, h.dtype)  # (L, hd/2)
+    cos, sin = cos[start:start + h.shape[1]], sin[start:start + h.shape[1]]
+    for i, block in enumerate(backbone.blocks):
+        h = h + attention(block.attn, block.ln1(h), cos, sin, i)
+        h = h + block.mlp(block.ln2(h))
+    return backbone.ln_f(h)
+
+
+def _dit_layers(backbone: DiTBackbone, h, L: int, start: int, attention) -> torch.Tensor:
+    """DiTBackbone.hidden's adaLN blocks and modulated final norm on the window h (B, w, d); σ = 0 (no time
+    conditioning), so the conditioning is the same at every step."""
+    B, w, _ = h.shape
+    c = F.silu(backbone.time_embed(backbone.sigma(None, B, h.device)))  # (B, cond_dim)
+    cos, sin = rotary_tables(L, backbone.config.head_dim, backbone.config.rope_base, h.device, h.dtype)
+    cos, sin = cos[start:start + w], sin[start:start + w]  # (w, hd/2)
+    for i, block in enumerate(backbone.blocks):
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = block.ada(c).unsqueeze(1).chunk(6, dim=-1)  # (B, 1, d)
+        h = torch.addcmul(h, gate_a, attention(block.attn, modulate(block.ln1(h), shift_a, scale_a), cos, sin, i))
+        h = torch.addcmul(h, gate_m, block.mlp(modulate(block.ln2(h), shift_m, scale_m)))
+    shift, scale = backbone.ada_f(c).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, d) each
+    return modulate(backbone.ln_f(h), shift, scale)
+
+
+# backbone type -> its layers after the input embedding, run on a window of positions (the weights and the
+# arithmetic of that backbone's own hidden())
+LAYERS = {Backbone: _own_layers, DiTBackbone: _dit_layers}
+
+
+def hidden_window(backbone, inputs: TokenInput, start: int, cache: KVCache | None,
+                  extra: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+    """Final hidden states (B, w, d) of the window of ``inputs`` (B, w[, K]) that starts at position ``start``.
+
+    ``cache`` None: a refresh — ``inputs`` is the whole sequence (start 0); returns its hidden states and the new
+    cache. Otherwise the window's queries attend to its own fresh keys/values and to the cached ones outside it;
+    returns the same cache (never updated: the window is recomputed at every step)."""
+    h = backbone.embed_input(inputs)  # (B, w, d)
+    if extra is not None:
+        h = h + extra
+    if cache is None and start != 0:
+        raise ValueError("a cache refresh runs the whole sequence (start 0)")
+    L = h.shape[1] if cache is None else cache.keys[0].shape[2]
+    if L > backbone.config.max_seq_len:
+        raise ValueError(f"sequence length {L} exceeds max_seq_len {backbone.config.max_seq_len}")
+    keys, values = [], []
+
+    def attention(attn, x, cos, sin, i):
+        return _attention(attn, x, cos, sin, start, cache, i, keys, values)
+
+    h = LAYERS[type(backbone)](backbone, h, L, start, attention)
+    return h, (KVCache(keys, values) if cache is None else cache)
+
+
+def predict_window(model, x: torch.Tensor, rows: torch.Tensor, span: tuple[int, int], cache: KVCache | None,
+                   prev_logits=None, sm_scale: torch.Tensor | None = None):
+    """The sampler's forward on positions ``span`` = [a, e) of x (B, L): logits (M, V) of ``rows`` (B, L) bool (every
+    True inside the span), the feedback stats, and the cache (new when ``cache`` is None: then span is [0, L)).
+
+    Feedback (``prev_logits``, a MaskedLogits over the whole sequence) is built for the span's positions only; it is
+    the same input :meth:`DiffusionLM.forward` builds there."""
+    a, e = span
+    if bool(rows[:, :a].any()) or bool(rows[:, e:].any()):
+        raise ValueError("predict_window: rows outside the recomputed span")
+    xw = x[:, a:e]  # (B, w)
+    if prev_logits is None:
+        inputs, extra, stats = xw, None, None
+    else:
+        inputs, extra, stats = model.feedback_input(xw, prev_logits.window(a, e), sm_scale)
+    h, cache = hidden_window(model.backbone, inputs, a, cache, extra)  # (B, w, d)
+    return model.logits_of(h[rows[:, a:e]]), stats, cache  # (M, V)

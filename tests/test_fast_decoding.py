@@ -1,0 +1,151 @@
+"""Fast decoding: confidence-threshold parallel decoding and the block-wise key/value cache (models.kv_cache)."""
+import pytest
+import torch
+
+import models
+from models.dit import DiTConfig, build as build_dit
+from models.kv_cache import hidden_window, window
+from models.sampling import SamplerConfig, sample
+
+PROMPTS = [[5, 6, 7, 8, 9], [10], [11, 12]]
+
+
+@pytest.fixture(scope="module")
+def model(sampling_model):
+    return sampling_model
+
+
+# ------------------------------------------------------------------------------------------ threshold decoding
+@pytest.mark.parametrize("soft_mask", [True, False])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_threshold_one_is_one_token_per_step_confidence_decoding(model, soft_mask, temperature):
+    """steps = length: the confidence rule reveals one position per step (round(#masked·(1 − s/t)) = 1); threshold
+    1.0 (no probability reaches it) reveals only the most confident one: the same draws, the same tokens."""
+    kw = dict(steps=24, block_length=8, soft_mask=soft_mask, temperature=temperature, cache_unchanged=False)
+    ref = sample(model, SamplerConfig(algorithm="confidence", **kw), 3, 24, prompt_ids=PROMPTS, seed=4,
+                 return_trajectory=True)
+    thr = sample(model, SamplerConfig(algorithm="threshold", threshold=1.0, **kw), 3, 24, prompt_ids=PROMPTS,
+                 seed=4, return_trajectory=True)
+    assert torch.equal(ref.tokens, thr.tokens)
+    assert thr.nfe == ref.nfe == 7 + 8 + 8  # the first block: 7 steps (row 1's 7 masked positions)
+    per_row = [(x == model.mask_id).sum(1) for x in thr.trajectory]  # (N,) masked per step
+    assert all(bool(((p - c) <= 1).all()) for p, c in zip(per_row, per_row[1:]))  # at most one per row and step
+
+
+def test_threshold_reveals_several_positions_per_step_and_at_least_one(model):
+    """A low threshold decodes a block in fewer forwards than it has positions; every step reveals >= 1 position,
+    and nothing is left masked."""
+    cfg = SamplerConfig(steps=32, block_length=8, algorithm="threshold", threshold=0.004, temperature=0.0)
+    out = sample(model, cfg, 2, 32, seed=0, return_trajectory=True)
+    assert not (out.tokens == model.mask_id).any()
+    counts = [int((x == model.mask_id).sum()) for x in out.trajectory]
+    steps = [a - b for a, b in zip([2 * 32] + counts, counts)]
+    assert all(c >= 1 for c in steps), steps
+    assert max(steps) > 2 and out.nfe < 32 and out.nfe == len(steps)  # several per row in some step
+    every = sample(model, SamplerConfig(steps=32, block_length=8, algorithm="threshold", threshold=1e-9,
+                                        temperature=0.0), 2, 32, seed=0)
+    assert every.nfe == 4  # every position passes: one forward per block
+
+
+def test_threshold_and_cache_are_validated():
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="threshold"):
+            SamplerConfig(algorithm="threshold", threshold=bad)
+    with pytest.raises(ValueError, match="cache"):
+        SamplerConfig(cache="everything")
+
+
+# ------------------------------------------------------------------------------------------------- the cache
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_a_window_over_unchanged_inputs_equals_the_full_forward(model, mode):
+    """Cached keys/values of a refresh + the window recomputed from the same (soft) input = the full forward there."""
+    torch.manual_seed(1)
+    B, L, K = 2, 32, 4
+    ids = torch.randint(0, 200, (B, L, K))
+    w = torch.softmax(torch.randn(B, L, K), -1)
+    bb = model.backbone
+    full = bb.hidden((ids, w))  # (B, L, d)
+    h0, kv = hidden_window(bb, (ids, w), 0, None)
+    assert torch.equal(h0, full)  # the refresh is the backbone's own forward
+    a, e = window(mode, (8, 16), L)
+    hw, _ = hidden_window(bb, (ids[:, a:e], w[:, a:e]), a, kv)  # (B, e - a, d)
+    assert hw.shape == (B, e - a, full.shape[-1])
+    torch.testing.assert_close(hw, full[:, a:e], rtol=1e-5, atol=1e-5)
+    # the cache is read: a window after a different refresh gives another result
+    _, kv2 = hidden_window(bb, (torch.randint(0, 200, (B, L, K)), w), 0, None)
+    assert not torch.allclose(hidden_window(bb, (ids[:, a:e], w[:, a:e]), a, kv2)[0], full[:, a:e], atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("soft_mask", [True, False])
+def test_cache_equals_no_cache_with_one_step_per_block(model, mode, soft_mask):
+    """One step per block: every step is a refresh, the same tokens as without a cache (and the same NFE)."""
+    kw = dict(steps=4, block_length=8, algorithm="confidence", soft_mask=soft_mask, cache_unchanged=False)
+    ref = sample(model, SamplerConfig(**kw), 3, 32, prompt_ids=PROMPTS, seed=2)
+    out = sample(model, SamplerConfig(cache=mode, **kw), 3, 32, prompt_ids=PROMPTS, seed=2)
+    assert torch.equal(out.tokens, ref.tokens) and out.nfe == ref.nfe
+    assert out.positions == ref.positions == 3 * 32 * ref.nfe
+
+
+@pytest.mark.parametrize("algorithm", ["confidence", "threshold", "ancestral"])
+@pytest.mark.parametrize("soft_mask", [True, False])
+def test_cached_decoding_is_valid_and_computes_fewer_positions(model, algorithm, soft_mask):
+    """Several steps per block: no [MASK] left, prompts kept, and the backbone computes fewer positions: prefix
+    (block + suffix) < none, dual (block only) < prefix; the confidence rule runs the same number of forwards."""
+    L, blk = 32, 8
+    kw = dict(steps=16, block_length=blk, algorithm=algorithm, soft_mask=soft_mask, threshold=0.02,
+              cache_unchanged=False)
+    outs = {mode: sample(model, SamplerConfig(cache=mode, **kw), 3, L, prompt_ids=PROMPTS, seed=5)
+            for mode in ("none", "prefix", "dual")}
+    for mode, out in outs.items():
+        assert not (out.tokens == model.mask_id).any(), mode
+        for i, p in enumerate(PROMPTS):
+            assert out.tokens[i, :len(p)].tolist() == p, mode
+        if soft_mask:
+            assert out.lambda_mean is not None and out.lambda_mean > 0
+    assert outs["prefix"].positions < outs["none"].positions
+    assert outs["dual"].positions < outs["prefix"].positions
+    if algorithm == "confidence":
+        nfe = outs["none"].nfe
+        assert outs["prefix"].nfe == outs["dual"].nfe == nfe == 16
+        # dual: per block one full refresh (L) + (steps - 1) windows of blk positions
+        assert outs["dual"].positions == 3 * 4 * (L + 3 * blk)
+        assert outs["prefix"].positions == 3 * sum(L + 3 * (L - a) for a in range(0, L, blk))
+
+
+def test_cache_refuses_models_it_cannot_serve_naming_the_field():
+    timed = models.build_model(models.ModelConfig.from_flavor("debug", vocab_size=64, time_conditioning=True))
+    with pytest.raises(ValueError, match="^cache: .*time conditioning"):
+        sample(timed, SamplerConfig(steps=4, block_length=8, cache="dual"), 1, 16)
+    dit = build_dit(DiTConfig.from_flavor("test", time_conditioning=True))
+    with pytest.raises(ValueError, match="^cache: .*time conditioning"):
+        sample(dit, SamplerConfig(steps=4, block_length=8, cache="prefix"), 1, 16)
+
+
+@pytest.fixture(scope="module")
+def dit():
+    """A DiT without time conditioning, every weight random (MDLM's init zeroes the adaLN maps: no block would act)."""
+    torch.manual_seed(0)
+    m = build_dit(DiTConfig.from_flavor("test", time_conditioning=False))
+    with torch.no_grad():
+        for p in m.backbone.parameters():
+            p.normal_(0.0, 0.3)
+    return m.eval()
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_the_dit_caches_too(dit, mode):
+    """DiT (adaLN, σ = 0): a window over unchanged inputs equals the full forward, one step per block equals no cache,
+    several steps per block decode validly with fewer positions."""
+    x = torch.randint(0, 39, (2, 32))
+    full = dit.backbone.hidden(x)  # (B, L, d)
+    h0, kv = hidden_window(dit.backbone, x, 0, None)
+    assert torch.equal(h0, full)
+    a, e = window(mode, (8, 16), 32)
+    torch.testing.assert_close(hidden_window(dit.backbone, x[:, a:e], a, kv)[0], full[:, a:e], rtol=1e-5, atol=1e-5)
+    kw = dict(block_length=8, algorithm="confidence", cache_unchanged=False)
+    ref = sample(dit, SamplerConfig(steps=4, **kw), 2, 32, seed=1)
+    assert torch.equal(sample(dit, SamplerConfig(steps=4, cache=mode, **kw), 2, 32, seed=1).tokens, ref.tokens)
+    slow = sample(dit, SamplerConfig(steps=16, **kw), 2, 32, seed=1)
+    fast = sample(dit, SamplerConfig(steps=16, cache=mode, **kw), 2, 32, seed=1)
+    assert not (fast.tokens == dit.mask_id).any() and fast.positions < slow.positions
