@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines.corpus import _sha256_file  # noqa: E402  (after the path insert)
+from infra.storage import sha256_file  # noqa: E402  (after the path insert)
 
 DEVICE_PYTHON = "3.12"  # the GPU image's interpreter (torch 2.11 + cu130)
 PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64", "manylinux_2_34_x86_64")
@@ -121,7 +121,7 @@ def bundle(stage: Path, out_root: Path, name: str, part_bytes: int, reserve_byte
                 parts.append({"name": part.name, "folder": folder.name, "bytes": len(block),
                               "sha256": hashlib.sha256(block).hexdigest()})
                 folders.append(folder)
-        manifest = {"name": name, "tar_bytes": total, "tar_sha256": _sha256_file(tar_path), "parts": parts}
+        manifest = {"name": name, "tar_bytes": total, "tar_sha256": sha256_file(tar_path), "parts": parts}
     for folder in folders:
         (folder / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
     return manifest
