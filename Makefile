@@ -40,10 +40,10 @@ $(STAMP):
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
-# `long` tests (the full HumanEval sandbox run, the GPU scripts' toy runs) take minutes of CPU for what a shorter case
+# `long` tests (the full HumanEval sandbox run, the GPU scripts' and recipes' toy runs) take minutes of CPU for what a shorter case
 # in `make test` already checks; `make test-all` runs them too.
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 -m "not long" tests
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 --durations=20 -m "not long" tests
 
 test-all: install
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 tests

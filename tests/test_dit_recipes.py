@@ -46,6 +46,7 @@ def hub_checkpoint(out: Path) -> Path:
     return out
 
 
+@pytest.mark.long  # the GPU recipes' toy run (two Ray Train runs, ~45 s): `make test-all`; the DiT itself is in test_dit.py
 def test_continue_recipes_dry_run_on_cpu(ray_session, tmp_path):
     import models
     from models.dit import DiTBackbone
