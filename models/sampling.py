@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from models.diffusion_lm import MaskedLogits
-from models.kv_cache import check_cacheable, predict_window, window
+from models.kv_cache import check_cacheable, lookback, predict_window, window
 from models.names import (ALGORITHMS, CACHE_MODES, SAMPLER_PRESETS, TOP_P_RULES, TRANSFER_RULES,
                           TRANSPARENCY as TRANSPARENCY_NAMES, check_registry)
 from models.sampling_rules import UPDATE_RULES, StepContext
@@ -72,7 +72,7 @@ class SamplerConfig:
                                                         "block's first step; later steps recompute the block and "
                                                         "everything after it (prefix) or the block only (dual). "
                                                         "Approximate; our Backbone / DiTBackbone without time "
-                                                        "conditioning only"})
+                                                        "conditioning, HF Llama / Qwen2 decoders"})
     eta: float | None = field(default=None, metadata={"doc": "ReMDM remasking η (None = the paper's value: 0.04 for "
                                                               "remdm_cap, 0.02 for remdm_loop)"})
     loop_t_on: float = field(default=0.55, metadata={"doc": "remdm_loop: time the loop phase starts (grid 1 -> 0)"})
@@ -213,8 +213,10 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
     schedule = TRANSPARENCY[cfg.transparency] if cfg.soft_mask else None
     if schedule is not None and getattr(model, "sc_proj", None) is not None:
         raise ValueError(f"transparency {cfg.transparency!r} scales the SM head's ω_s; this model is self-conditioning")
+    back = 0
     if cfg.cache != "none":
         check_cacheable(model)
+        back = lookback(model)
     generated = (~fixed).sum(1).clamp(min=1)  # (N,) positions each sample generates
 
     def feedback(masked: torch.Tensor) -> dict:
@@ -259,7 +261,7 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
             if not active.any():
                 break  # block already complete (e.g. fully prompted)
             t, s = float(ts[i]), float(ts[i + 1])
-            span = None if cfg.cache == "none" else (0, length) if i == 0 else window(cfg.cache, (a, b), length)
+            span = None if cfg.cache == "none" else (0, length) if i == 0 else window(cfg.cache, (a, b), length, back)
             if cached is not None:
                 logits = cached
             else:

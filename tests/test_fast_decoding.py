@@ -58,28 +58,36 @@ def test_threshold_and_cache_are_validated():
 # ------------------------------------------------------------------------------------------------- the cache
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 def test_a_window_over_unchanged_inputs_equals_the_full_forward(model, mode):
-    """Cached keys/values of a refresh + the window recomputed from the same (soft) input = the full forward there."""
     torch.manual_seed(1)
+    _check_window(model.backbone, mode, vocab=200)
+
+
+@torch.no_grad()
+def _check_window(bb, mode: str, vocab: int, back: int = 0):
+    """Cached keys/values of a refresh + the window recomputed from the same (soft) input = the full forward there;
+    a window after a different refresh gives another result (the cache is read)."""
     B, L, K = 2, 32, 4
-    ids = torch.randint(0, 200, (B, L, K))
+    ids = torch.randint(0, vocab, (B, L, K))
     w = torch.softmax(torch.randn(B, L, K), -1)
-    bb = model.backbone
     full = bb.hidden((ids, w))  # (B, L, d)
     h0, kv = hidden_window(bb, (ids, w), 0, None)
     assert torch.equal(h0, full)  # the refresh is the backbone's own forward
-    a, e = window(mode, (8, 16), L)
+    a, e = window(mode, (8, 16), L, back)
+    assert a == 8 - back
     hw, _ = hidden_window(bb, (ids[:, a:e], w[:, a:e]), a, kv)  # (B, e - a, d)
     assert hw.shape == (B, e - a, full.shape[-1])
     torch.testing.assert_close(hw, full[:, a:e], rtol=1e-5, atol=1e-5)
-    # the cache is read: a window after a different refresh gives another result
-    _, kv2 = hidden_window(bb, (torch.randint(0, 200, (B, L, K)), w), 0, None)
+    _, kv2 = hidden_window(bb, (torch.randint(0, vocab, (B, L, K)), w), 0, None)
     assert not torch.allclose(hidden_window(bb, (ids[:, a:e], w[:, a:e]), a, kv2)[0], full[:, a:e], atol=1e-3)
 
 
+@pytest.mark.parametrize("backbone", ["model", "qwen"])
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 @pytest.mark.parametrize("soft_mask", [True, False])
-def test_cache_equals_no_cache_with_one_step_per_block(model, mode, soft_mask):
-    """One step per block: every step is a refresh, the same tokens as without a cache (and the same NFE)."""
+def test_cache_equals_no_cache_with_one_step_per_block(request, backbone, mode, soft_mask):
+    """One step per block: every step is a refresh, the same tokens as without a cache (and the same NFE); our
+    Backbone and a tiny HF Qwen2 with Dream's shift."""
+    model = request.getfixturevalue(backbone)
     kw = dict(steps=4, block_length=8, algorithm="confidence", soft_mask=soft_mask, cache_unchanged=False)
     ref = sample(model, SamplerConfig(**kw), 3, 32, prompt_ids=PROMPTS, seed=2)
     out = sample(model, SamplerConfig(cache=mode, **kw), 3, 32, prompt_ids=PROMPTS, seed=2)
@@ -149,3 +157,59 @@ def test_the_dit_caches_too(dit, mode):
     slow = sample(dit, SamplerConfig(steps=16, **kw), 2, 32, seed=1)
     fast = sample(dit, SamplerConfig(steps=16, cache=mode, **kw), 2, 32, seed=1)
     assert not (fast.tokens == dit.mask_id).any() and fast.positions < slow.positions
+
+
+# ------------------------------------------------------------------------------------------ HF decoder backbones
+def _hf(model_type="qwen2", shift=True, attn="sdpa", **hf):
+    """A tiny random HF decoder (vocabulary 300, [MASK] = 299) with a visible SM head (λ ≈ 0.8 on masked rows)."""
+    from models.hf_loading import from_config_dict
+
+    torch.manual_seed(0)
+    m = from_config_dict(dict(model_type=model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                              max_position_embeddings=128, tie_word_embeddings=True, **hf),
+                         mask_token_id=299, shift_logits=shift, attn_implementation=attn)
+    with torch.no_grad():
+        m.sm_head.raw_scale.fill_(1.5)
+        m.sm_head.raw_centre.fill_(20.0)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return _hf()
+
+
+@pytest.mark.parametrize("model_type,shift,attn", [("qwen2", True, "sdpa"), ("qwen2", False, "eager"),
+                                                   ("llama", True, "eager")])
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_hf_window_over_unchanged_inputs_equals_the_full_forward(model_type, shift, attn, mode):
+    """HF decoder (GQA, its own rotary / attention kernel, Dream's shift or not): the window test above; with the
+    shift the window's first position reads the refresh's output before it."""
+    _check_window(_hf(model_type, shift, attn).backbone, mode, vocab=299, back=int(shift))
+
+
+@pytest.mark.parametrize("soft_mask", [True, False])
+def test_hf_cached_decoding_is_valid_and_computes_fewer_positions(qwen, soft_mask):
+    """Several steps per block: no [MASK] left, prompts kept, SM fed; with Dream's shift a window starts one position
+    before its block (the block's first prediction reads it), so dual computes per block one refresh (L) and
+    (steps - 1) windows of blk + 1 positions (blk in the first block)."""
+    L, blk = 32, 8
+    kw = dict(steps=16, block_length=blk, algorithm="confidence", soft_mask=soft_mask, cache_unchanged=False)
+    outs = {mode: sample(qwen, SamplerConfig(cache=mode, **kw), 3, L, prompt_ids=PROMPTS, seed=5)
+            for mode in ("none", "prefix", "dual")}
+    for mode, out in outs.items():
+        assert not (out.tokens == qwen.mask_id).any(), mode
+        assert all(out.tokens[i, :len(p)].tolist() == p for i, p in enumerate(PROMPTS)), mode
+        assert out.nfe == 16, mode
+        if soft_mask:
+            assert out.lambda_mean is not None and out.lambda_mean > 0.5, mode
+    assert outs["none"].positions == 3 * L * 16
+    assert outs["dual"].positions == 3 * (4 * L + 3 * blk + 3 * 3 * (blk + 1))
+    assert outs["prefix"].positions == 3 * (4 * L + 3 * L + sum(3 * (L - a + 1) for a in range(blk, L, blk)))
+
+
+def test_hf_cache_refuses_sliding_window_decoders_naming_the_field():
+    m = _hf(use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    with pytest.raises(ValueError, match="^cache: .*sliding window layers: True"):
+        sample(m, SamplerConfig(steps=4, block_length=8, cache="dual"), 1, 16)
