@@ -16,6 +16,9 @@ Prompts: lines of real text (Shakespeare, public domain) from pipelines.corpus.e
 tokenizer is a byte-level BPE trained on that corpus (vocab = the flavor's). Weights are random (throughput does not
 depend on them).
 
+Diffusion fields beyond steps / algorithm go into every request (and the direct baseline's sampler) with --extra, e.g.
+the key/value cache of block decoding: --extra '{"cache": "dual", "block_length": 32, "algorithm": "threshold"}'.
+
   PYTHONPATH=. .venv/bin/python benchmarks/bench_serve.py [--flavors debug,tiny] [--concurrency 1,4,16,64] [--out F]
 """
 from __future__ import annotations
@@ -64,6 +67,25 @@ def make_checkpoint(flavor: str, out: Path, corpus_files: list[Path]) -> Path:
     models.save_pretrained(model, out)
     tok.save(out)
     return out
+
+
+# request fields of the Serve API that are SamplerConfig fields of the same name (--extra may set them)
+SAMPLER_FIELDS = ("block_length", "threshold", "cache", "transparency", "temperature")
+EXTRA_FIELDS = SAMPLER_FIELDS + ("algorithm", "soft_mask", "steps")
+
+
+def extra_fields(text: str) -> dict:
+    """--extra: a JSON object of diffusion request fields (names in EXTRA_FIELDS); ValueError names the problem."""
+    try:
+        extra = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--extra: not JSON ({e})") from None
+    if not isinstance(extra, dict):
+        raise ValueError(f"--extra: expected a JSON object, got {type(extra).__name__}")
+    unknown = sorted(set(extra) - set(EXTRA_FIELDS))
+    if unknown:
+        raise ValueError(f"--extra: unknown field(s) {unknown}; known: {list(EXTRA_FIELDS)}")
+    return extra
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -128,7 +150,7 @@ class DirectSampler:
         self.model = models.load_pretrained(ckpt).to(device).eval()
         self.tok = load_tokenizer(str(ckpt / "tokenizer.json"))
         self.cfg = SamplerConfig(steps=body["steps"], algorithm=body["algorithm"], soft_mask=body["soft_mask"],
-                                 top_p=0.9)
+                                 top_p=0.9, **{k: body[k] for k in SAMPLER_FIELDS if k in body})
 
     def __call__(self, i: int) -> float:
         """Seconds for prompt i (the server's canvas bucket)."""
@@ -197,8 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-requests", type=int, default=16, help="requests sent to each new deployment first")
     ap.add_argument("--paired", type=int, default=20,
                     help="pairs (direct call, HTTP request) for the c=1 overhead goal; 0 = compare separate medians")
+    ap.add_argument("--extra", default="{}", help=f"JSON object of request fields {list(EXTRA_FIELDS)} merged into "
+                                                   "every request (e.g. cache, block_length, threshold)")
     ap.add_argument("--out", default=None, help="also write the JSON here (stdout may carry Ray's log lines)")
     args = ap.parse_args(argv)
+    try:
+        extra = extra_fields(args.extra)
+    except ValueError as e:
+        ap.error(str(e))
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from infra.ray_runtime import RayConfig, init_ray
@@ -208,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     prompts = real_prompts(256)
     corpus_files = sorted(ensure_corpus("shakespeare").glob("*.txt"))[:12]
-    body = {"max_tokens": args.max_tokens, "steps": args.steps, "algorithm": "ancestral", "soft_mask": True}
+    body = {"max_tokens": args.max_tokens, "steps": args.steps, "algorithm": "ancestral", "soft_mask": True, **extra}
     report: dict = {"config": {**vars(args), "prompts": "Shakespeare lines (pipelines.corpus)",
                                "cpu_count": os.cpu_count()}, "results": {}, "goals": {}}
     device = "cuda" if args.num_gpus > 0 else "cpu"
