@@ -364,7 +364,8 @@ def cli_schedule(cfg, extras: dict) -> int:
     """`softmask schedule`: register the workflow as a Prefect deployment with a cron schedule and serve it (blocks
     until Ctrl-C/SIGTERM; the schedule is then paused). Starts, unless given, a Prefect server with the UI (and a
     local Ray cluster when the workflow deploys, so the endpoint outlives each run); stops them on exit."""
-    from pipelines.orchestration import PrefectServer, cron_schedule, prefect_api, prefect_env, register_schedule
+    from pipelines.orchestration import (PrefectServer, cron_schedule, prefect_api, prefect_env, register_schedule,
+                                         serve_deployment)
 
     cron, tz = extras["cron"], extras.get("timezone") or "UTC"
     problem = schedule_preflight(cfg)
@@ -382,8 +383,9 @@ def cli_schedule(cfg, extras: dict) -> int:
     name = extras.get("deployment_name") or f"{cfg.name}-scheduled"
     api = extras.get("api_url") or os.environ.get("PREFECT_API_URL")
     server = cluster = None
+    runner_stopped = True
     env_before = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "PREFECT_API_URL")}
-    # no handlers of ours while serving: asyncio's SIGINT handling stops Prefect's runner cleanly
+    # no handlers of ours while serving: serve_deployment stops the runner on SIGINT/SIGTERM (bounded)
     with ShutdownGuard(install=False) as guard:
         try:
             if not api:
@@ -405,8 +407,6 @@ def cli_schedule(cfg, extras: dict) -> int:
             if server is not None:
                 api = server.wait_ready().api_url
             with prefect_api(api):
-                from prefect import serve
-
                 prefect_env()
                 from pipelines.scheduled import softmask_scheduled  # imports prefect: after prefect_env()
 
@@ -418,11 +418,15 @@ def cli_schedule(cfg, extras: dict) -> int:
                       f"  UI: {ui}/deployments   run now: PREFECT_API_URL={api} prefect deployment run "
                       f"'softmask-scheduled/{name}'\n  serving scheduled runs (Ctrl-C stops and pauses the schedule)",
                       flush=True)
-                serve(deployment, print_starting_message=False)
+                runner_stopped = serve_deployment(deployment)
         except KeyboardInterrupt:
             pass
         finally:
             guard.begin_shutdown()
             _stop_and_restore(cluster, server, env_before)
     print("schedule stopped", flush=True)
+    if not runner_stopped:  # a runner task would not finish: leave without waiting on it (the schedule is paused)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0

@@ -240,3 +240,44 @@ def register_schedule(flow, cfg, cron: str, name: str, timezone: str = "UTC"):
         description=f"softmask workflow {cfg.name!r} on cron {cron!r} ({timezone}); run root {cfg.run_root}",
         tags=["softmask"])
     return flow, deployment
+
+
+
+def serve_deployment(deployment, grace_s: float = 20.0) -> bool:
+    """Run a Prefect runner for ``deployment`` (what ``prefect.serve`` does) until SIGINT/SIGTERM, then stop it the
+    way ``prefect.serve`` does (cancel the runner: it pauses the schedule on its way out), waiting at most ``grace_s``
+    for that. Returns True when the runner stopped within it. False means a runner task would not finish (e.g. a
+    thread still reading a finished run's output): the schedule was then paused here through the API and the event
+    loop is left as it is, so the caller should end the process once it has stopped what it started."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import TerminationSignal
+    from prefect.runner import Runner
+
+    runner = Runner(pause_on_shutdown=True)
+    deployment_id = runner.add_deployment(deployment)  # registers it and returns its id
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the runner's start() takes SIGTERM over: TerminationSignal below
+        loop.add_signal_handler(sig, stop.set)
+    served = loop.create_task(runner.start())
+    stopping = loop.create_task(stop.wait())
+    try:
+        loop.run_until_complete(asyncio.wait({served, stopping}, return_when=asyncio.FIRST_COMPLETED))
+    except (KeyboardInterrupt, TerminationSignal):
+        pass
+    stopping.cancel()
+    if not served.done():
+        served.cancel()
+        loop.run_until_complete(asyncio.wait({served}, timeout=grace_s))
+    if not served.done():
+        with get_client(sync_client=True) as client:
+            client.pause_deployment(deployment_id)
+        return False
+    loop.run_until_complete(asyncio.sleep(0))  # let `stopping`'s cancellation land
+    loop.close()
+    if not served.cancelled() and served.exception() is not None:
+        raise served.exception()
+    return True
