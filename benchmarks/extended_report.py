@@ -80,6 +80,10 @@ def main(argv=None) -> int:
     ap.add_argument("--summary", help="a markdown file: what the figures say, placed after the tables")
     args = ap.parse_args(argv)
     runs = [_from_metrics(p, 250) if p.endswith("metrics.jsonl") else _last_json(p) for p in args.runs]
+    root = str(Path(__file__).resolve().parents[1]) + "/"
+    for r in runs:  # paths as the repository names them
+        if r.get("export"):
+            r["export"] = r["export"].removeprefix(root)
     land = _last_json(args.landscape)
     record = {"commands": args.commands, "hardware": args.hardware, "date": args.date, "runs": runs,
               "landscape": land}
@@ -107,7 +111,8 @@ def main(argv=None) -> int:
           "model), in 10⁻³ nats per token, mean ± standard error over the batches, and the grid value with the "
           "lowest loss:", "", *landscape_table(land), "",
           "Command: `python benchmarks/sm_loss_landscape.py --manifest artifacts/datasets/multisource_bytes_64 "
-          "--rows 512 --export <the exports listed>`.", ""]
+          "--rows 512 --export <the exports listed>`. `sm_vs_binary_extended/export_s<seed>_<steps>` is a copy of "
+          "that extended run's export taken when it had trained that many steps.", ""]
     if args.summary:
         md += ["## What it says", "", Path(args.summary).read_text().strip(), ""]
     out = Path(args.out)
