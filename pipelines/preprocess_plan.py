@@ -17,7 +17,7 @@ from infra import storage
 from workers.tokenize import next_boundary
 
 if TYPE_CHECKING:
-    from pipelines.preprocess import PreprocessConfig, SourceConfig
+    from pipelines.preprocess_config import PreprocessConfig, SourceConfig
 
 # suffix -> source kind for format "auto"
 SUFFIX_KINDS = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text", ".jsonl": "jsonl",
