@@ -17,6 +17,7 @@ key/value cache of ``models.kv_cache``; ``out.positions`` counts the positions t
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,7 +27,7 @@ from models.diffusion_lm import MaskedLogits
 from models.kv_cache import check_cacheable, lookback, predict_window, window
 from models.names import (ALGORITHMS, CACHE_MODES, SAMPLER_PRESETS, TOP_P_RULES, TRANSFER_RULES,
                           TRANSPARENCY as TRANSPARENCY_NAMES, check_registry)
-from models.sampling_rules import UPDATE_RULES, StepContext
+from models.sampling_rules import PER_ROW, UPDATE_RULES, StepContext
 from models.softmask import FeedbackStats
 
 EOS_POLICIES = ("none", "pad_after_eos")
@@ -184,6 +185,22 @@ def _initial_state(num_samples, length, mask_id, prompt_ids, fixed_tokens, fixed
     return x, fixed
 
 
+def _per_row(cfg: SamplerConfig, per_row: dict | None, num_samples: int, device) -> dict[str, torch.Tensor] | None:
+    """Validated per-row settings {name: (N,) float32}; each row's values must make a valid SamplerConfig."""
+    if not per_row:
+        return None
+    unknown = set(per_row) - set(PER_ROW)
+    if unknown:
+        raise ValueError(f"per_row: {sorted(unknown)} cannot differ between rows (only {PER_ROW} can)")
+    for name, values in per_row.items():
+        if len(values) != num_samples:
+            raise ValueError(f"per_row[{name!r}] has {len(values)} values, expected num_samples={num_samples}")
+    for row in set(zip(*per_row.values())):
+        dataclasses.replace(cfg, **dict(zip(per_row, row)))  # raises naming the bad value
+    return {name: torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
+            for name, values in per_row.items()}
+
+
 def _blocks(length: int, block_length: int | None) -> list[tuple[int, int]]:
     if not block_length or block_length >= length:
         return [(0, length)]
@@ -199,8 +216,11 @@ def _pad_after_eos(x: torch.Tensor, fixed: torch.Tensor, eos_id: int) -> torch.T
 @torch.no_grad()
 def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=None, seed: int = 0,
            on_step: Callable[[int, torch.Tensor], None] | None = None, fixed_tokens: torch.Tensor | None = None,
-           fixed_mask: torch.Tensor | None = None, return_trajectory: bool = False) -> SampleOutput:
-    """Generate ``num_samples`` sequences of ``length`` tokens (prompt included). Same seed => same tokens."""
+           fixed_mask: torch.Tensor | None = None, return_trajectory: bool = False,
+           per_row: dict[str, list[float]] | None = None) -> SampleOutput:
+    """Generate ``num_samples`` sequences of ``length`` tokens (prompt included). Same seed => same tokens.
+    ``per_row`` {name: one value per sample} overrides ``cfg``'s temperature / top_p / threshold row by row (how Serve
+    decodes requests that differ only in them together)."""
     if num_samples < 1 or length < 1:
         raise ValueError("num_samples and length must be >= 1")
     was_training = model.training
@@ -208,6 +228,7 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
     device = next(model.parameters()).device
     mask_id = model.mask_id
     gen = torch.Generator(device=device).manual_seed(int(seed))
+    knobs = _per_row(cfg, per_row, num_samples, device)
     x, fixed = _initial_state(num_samples, length, mask_id, prompt_ids, fixed_tokens, fixed_mask, device)
     rule = UPDATE_RULES[cfg.algorithm]
     schedule = TRANSPARENCY[cfg.transparency] if cfg.soft_mask else None
@@ -272,7 +293,8 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
                 if span is not None and span != (0, length) and prev_logits is not None:
                     logits = prev_logits.update(logits, *span)  # outside the span: the refresh's prediction
             ctx = StepContext(x=x, logits=logits, t=t, s=s, active=active, decoded=~masked & in_block & ~fixed,
-                              mask_id=mask_id, cfg=cfg, generator=gen, last=(i == steps_per_block - 1))
+                              mask_id=mask_id, cfg=cfg, generator=gen, last=(i == steps_per_block - 1),
+                              per_row=knobs)
             x_new = rule(ctx)
             cached = logits if reuse and bool((x_new == x).all()) else None
             x, prev_logits = x_new, logits

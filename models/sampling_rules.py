@@ -29,40 +29,70 @@ class StepContext:
     cfg: Any
     generator: torch.Generator
     last: bool
+    per_row: dict[str, torch.Tensor] | None = None  # {name in PER_ROW: (N,) float32}: per-row values overriding cfg's
 
 
-def nucleus(probs: torch.Tensor, top_p: float, rule: str = "mdlm") -> torch.Tensor:
+# Settings that may differ between the rows of one sample() call (a Serve batch mixes requests that differ in them):
+# each only changes how a row's own candidates are drawn or revealed.
+PER_ROW = ("temperature", "top_p", "threshold")
+
+
+def knob(ctx: StepContext, name: str, rows: torch.Tensor | None = None):
+    """``cfg.<name>``, or with per-row values the row's value: (M, 1) for the positions whose rows are ``rows`` (M,),
+    (N, 1) when ``rows`` is None."""
+    values = ctx.per_row.get(name) if ctx.per_row else None
+    if values is None:
+        return getattr(ctx.cfg, name)
+    return (values if rows is None else values[rows]).unsqueeze(-1)
+
+
+def nucleus(probs: torch.Tensor, top_p, rule: str = "mdlm") -> torch.Tensor:
     """Nucleus filtering of probs (M, V), rows renormalised. ``mdlm`` (the paper's language-model code): keep the
     tokens, most probable first, while the cumulative probability is <= top_p, and always the first; ``dream``
-    (Dream's and Hugging Face's rule): also keep the token whose probability crosses top_p."""
-    if top_p >= 1.0:
+    (Dream's and Hugging Face's rule): also keep the token whose probability crosses top_p. top_p: a float or one
+    value per row (M, 1); 1 keeps everything."""
+    per_row = torch.is_tensor(top_p)
+    if not per_row and top_p >= 1.0:
         return probs
     sorted_p, idx = probs.sort(dim=-1, descending=True)
     cum = sorted_p.cumsum(-1)  # (M, V)
     keep = (cum - sorted_p) <= top_p if rule == "dream" else cum <= top_p
     keep[..., 0] = True
+    if per_row:
+        keep |= top_p >= 1.0  # (M, 1): those rows are not filtered
     sorted_p = sorted_p * keep
     out = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
     return out / out.sum(-1, keepdim=True)
 
 
-def sampling_probs(z: torch.Tensor, temperature: float, top_p: float, rule: str = "mdlm") -> torch.Tensor:
-    """The sampling copy (M, V): temperature then nucleus; SM feedback keeps using the unfiltered logits."""
-    return nucleus(torch.softmax(z.float() / max(temperature, 1e-6), dim=-1), top_p, rule)
+def sampling_probs(z: torch.Tensor, temperature, top_p, rule: str = "mdlm") -> torch.Tensor:
+    """The sampling copy (M, V): temperature then nucleus; SM feedback keeps using the unfiltered logits. temperature
+    and top_p: floats, or one value per row (M, 1)."""
+    t = temperature.clamp_min(1e-6) if torch.is_tensor(temperature) else max(temperature, 1e-6)
+    return nucleus(torch.softmax(z.float() / t, dim=-1), top_p, rule)
 
 
-def draw(z: torch.Tensor, cfg, generator: torch.Generator) -> torch.Tensor:
-    """One token per row of logits z (M, V): greedy at temperature 0, else float64 Gumbel-max on the sampling copy."""
+def draw(z: torch.Tensor, ctx: StepContext, rows: torch.Tensor) -> torch.Tensor:
+    """One token per row of logits z (M, V) (its sample's row index in ``rows`` (M,)): greedy at temperature 0, else
+    float64 Gumbel-max on the sampling copy."""
     if z.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=z.device)
-    if cfg.temperature == 0:
+    temperature, top_p = knob(ctx, "temperature", rows), knob(ctx, "top_p", rows)
+    per_row = torch.is_tensor(temperature)
+    if not per_row and temperature == 0:
         return z.argmax(-1)
     out = []
-    rows = max(1, _CHUNK_ELEMS // z.shape[-1])
-    for chunk in z.split(rows):
-        logp = sampling_probs(chunk, cfg.temperature, cfg.top_p, cfg.top_p_rule).double().log()
-        u = torch.rand(logp.shape, generator=generator, device=z.device, dtype=torch.float64)
-        out.append((logp - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1))
+    size = max(1, _CHUNK_ELEMS // z.shape[-1])
+    for a in range(0, z.shape[0], size):
+        chunk, t, p = z[a:a + size], temperature, top_p
+        if per_row:
+            t = t[a:a + size]
+        if torch.is_tensor(p):
+            p = p[a:a + size]
+        logp = sampling_probs(chunk, t, p, ctx.cfg.top_p_rule).double().log()
+        u = torch.rand(logp.shape, generator=ctx.generator, device=z.device, dtype=torch.float64)
+        pick = (logp - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
+        out.append(torch.where(t.squeeze(-1) == 0, chunk.argmax(-1), pick) if per_row else pick)
     return torch.cat(out)
 
 
@@ -77,7 +107,7 @@ def _unmask_with_prob(ctx: StepContext, p_unmask: float, x_new: torch.Tensor) ->
     go = _uniform(idx[0].shape, ctx) < p_unmask
     chosen = torch.zeros_like(ctx.active)
     chosen[idx[0][go], idx[1][go]] = True  # row-major, the order of idx
-    return x_new.masked_scatter(chosen, draw(ctx.logits.at(chosen), ctx.cfg, ctx.generator))
+    return x_new.masked_scatter(chosen, draw(ctx.logits.at(chosen), ctx, chosen.nonzero(as_tuple=True)[0]))
 
 
 def ancestral(ctx: StepContext) -> torch.Tensor:
@@ -141,8 +171,10 @@ def _candidates(ctx: StepContext, score: Callable[[torch.Tensor, torch.Tensor], 
     (N, L) float, −inf elsewhere). The score reads the sampling copy (temperature 0 scores at temperature 1)."""
     idx = ctx.active.nonzero(as_tuple=True)
     z = ctx.logits.at(ctx.active)  # (M, V), row-major like idx
-    cand = draw(z, ctx.cfg, ctx.generator)  # (M,)
-    probs = sampling_probs(z, ctx.cfg.temperature or 1.0, ctx.cfg.top_p, ctx.cfg.top_p_rule)
+    cand = draw(z, ctx, idx[0])  # (M,)
+    temperature = knob(ctx, "temperature", idx[0])
+    temperature = torch.where(temperature == 0, 1.0, temperature) if torch.is_tensor(temperature) else temperature or 1.0
+    probs = sampling_probs(z, temperature, knob(ctx, "top_p", idx[0]), ctx.cfg.top_p_rule)
     conf = torch.full(ctx.x.shape, float("-inf"), device=ctx.x.device)
     conf[idx] = score(probs, cand).float()
     cand_full = torch.full_like(ctx.x, ctx.mask_id)
@@ -176,7 +208,7 @@ def threshold(ctx: StepContext) -> torch.Tensor:
     if not bool(ctx.active.any()):
         return ctx.x.clone()
     cand, conf = _candidates(ctx, _top1)
-    reveal = ctx.active if ctx.last else ctx.active & (conf >= ctx.cfg.threshold)  # (N, L)
+    reveal = ctx.active if ctx.last else ctx.active & (conf >= knob(ctx, "threshold"))  # (N, L)
     best = torch.zeros_like(reveal).scatter_(1, conf.argmax(1, keepdim=True), True)  # (N, L): each row's first max
     return torch.where((reveal | best) & ctx.active, cand, ctx.x)
 

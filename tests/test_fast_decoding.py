@@ -55,6 +55,46 @@ def test_threshold_and_cache_are_validated():
         SamplerConfig(cache="everything")
 
 
+# ------------------------------------------------------------------------------------- per-row settings
+@pytest.mark.parametrize("algorithm", ["ancestral", "threshold", "confidence"])
+def test_per_row_values_equal_to_the_config_change_nothing(model, algorithm):
+    """The per-row path with every row at cfg's values draws the same tokens as the scalar path (same seed)."""
+    cfg = SamplerConfig(steps=16, block_length=8, algorithm=algorithm, threshold=0.05, temperature=0.8, top_p=0.9)
+    ref = sample(model, cfg, 3, 24, prompt_ids=PROMPTS, seed=2)
+    same = sample(model, cfg, 3, 24, prompt_ids=PROMPTS, seed=2,
+                  per_row={"temperature": [0.8] * 3, "top_p": [0.9] * 3, "threshold": [0.05] * 3})
+    assert torch.equal(ref.tokens, same.tokens) and ref.nfe == same.nfe
+
+
+def test_rows_of_one_call_follow_their_own_threshold(model):
+    """Threshold 1.0 on row 0 reveals one position per step; 1e-9 on row 1 reveals its whole block in one step."""
+    cfg = SamplerConfig(steps=24, block_length=8, algorithm="threshold", temperature=0.0, cache_unchanged=False)
+    out = sample(model, cfg, 2, 24, seed=0, return_trajectory=True, per_row={"threshold": [1.0, 1e-9]})
+    masked = [(x == model.mask_id).sum(1).tolist() for x in out.trajectory]  # per step: [row 0, row 1]
+    revealed = [[a - b for a, b in zip(p, c)] for p, c in zip([[24, 24]] + masked, masked)]
+    assert all(r[0] <= 1 for r in revealed), revealed
+    assert revealed[0][1] == 8 and masked[-1] == [0, 0]
+
+
+def test_a_greedy_row_beside_a_sampled_one_decodes_as_alone(model):
+    """Temperature 0 on row 0 of a mixed call gives the tokens of a greedy call of that row alone (greedy confidence
+    decoding reads no random numbers); the sampled row 1 differs from its greedy twin."""
+    cfg = SamplerConfig(steps=16, block_length=8, algorithm="confidence", temperature=0.0)
+    alone = sample(model, cfg, 2, 16, seed=5)
+    mixed = sample(model, cfg, 2, 16, seed=5, per_row={"temperature": [0.0, 1.5], "top_p": [1.0, 1.0]})
+    assert torch.equal(mixed.tokens[0], alone.tokens[0])
+    assert not torch.equal(mixed.tokens[1], alone.tokens[1])
+
+
+def test_per_row_settings_are_validated_naming_the_problem(model):
+    cfg = SamplerConfig(steps=4, algorithm="threshold")
+    for per_row, match in (({"steps": [4, 4]}, "cannot differ"), ({"threshold": [0.5]}, "num_samples=2"),
+                           ({"threshold": [0.5, 0.0]}, "threshold must be in"),
+                           ({"temperature": [1.0, -1.0]}, "temperature must be")):
+        with pytest.raises(ValueError, match=match):
+            sample(model, cfg, 2, 8, per_row=per_row)
+
+
 # ------------------------------------------------------------------------------------------------- the cache
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 def test_a_window_over_unchanged_inputs_equals_the_full_forward(model, mode):

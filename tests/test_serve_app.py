@@ -206,10 +206,15 @@ def test_streaming_steps_then_final_text(server):
 
 
 def test_concurrent_requests_share_a_batch(server):
-    body = {"prompt": "Now is the winter of our discontent", "max_tokens": 16, "steps": 8}
+    """Requests that differ only in temperature / top_p / threshold are decoded together (each of the 16 has its own
+    threshold, so any batch of two or more mixed settings); another step count never joins them."""
+    body = {"prompt": "Now is the winter of our discontent", "max_tokens": 16, "steps": 8, "algorithm": "threshold",
+            "block_length": 8}
     odd = {**body, "steps": 6}  # another key: never decoded with the others
+    mixed = [{**body, "threshold": 0.05 * (i + 1), "temperature": (0.0, 0.7, 1.0)[i % 3], "top_p": (1.0, 0.9)[i % 2]}
+             for i in range(16)]
     with ThreadPoolExecutor(17) as pool:
-        futures = [pool.submit(post, server.completions_url, body) for _ in range(16)]
+        futures = [pool.submit(post, server.completions_url, b) for b in mixed]
         odd_future = pool.submit(post, server.completions_url, odd)
         results = [f.result() for f in futures]
     assert all(s == 200 for s, _, _ in results), [r[1] for r in results if r[0] != 200]

@@ -7,9 +7,10 @@ Flow of one request (payload = workers.serving.request_payload):
   _schedule (one task per replica): whenever the model is free, takes the OLDEST pending job plus every pending job
       with the same key (up to max_batch_size) and decodes them in ONE models.sampling.sample call, run in the
       replica's single sampler thread so the event loop keeps accepting requests meanwhile.
-      _Job.key = (length class, steps, algorithm, soft_mask, temperature, top_p, block_length, transparency, threshold,
-      cache); the length class of a canvas L is the next power of two >= L and a group decodes on the longest canvas
-      of its members (a shorter request reads its completion from its own span; the positions after it are discarded).
+      _Job.key = (length class, steps, algorithm, soft_mask, block_length, transparency, cache); the length class of a
+      canvas L is the next power of two >= L and a group decodes on the longest canvas of its members (a shorter
+      request reads its completion from its own span; the positions after it are discarded). temperature, top_p and
+      threshold may differ inside a group: they reach sample() row by row (models.sampling PER_ROW).
   on_step feeds partial text to streams and trajectories and aborts a group once all its jobs timed out or left.
 
 NOTE: why a scheduler behind @serve.batch: Serve forms the next batch as soon as requests arrive, *before* it waits
@@ -54,8 +55,8 @@ class _Job:
         a request that names a seed is therefore decoded on its own (its own key) and stays reproducible.
         """
         p = self.payload
-        key = (1 << (self.length - 1).bit_length(), p["steps"], p["algorithm"], p["soft_mask"], p["temperature"], p["top_p"],
-               p["block_length"], p["transparency"], p["threshold"], p["cache"])
+        key = (1 << (self.length - 1).bit_length(), p["steps"], p["algorithm"], p["soft_mask"], p["block_length"],
+               p["transparency"], p["cache"])
         return key if p["seed"] is None else key + (id(self),)
 
     @property
@@ -84,7 +85,7 @@ class SamplerDeployment:
         import models
         from models.sampling import ALGORITHMS as MODEL_ALGORITHMS
         from models.kv_cache import check_cacheable
-        from models.sampling import SamplerConfig, sample
+        from models.sampling import PER_ROW, SamplerConfig, sample
         from models.tokenizer import NAMED_TOKENIZERS
         from workers.serving_chat import ChatTemplate, tokenizer_folder
         from workers.serving_config import as_serve_config, check_model
@@ -104,6 +105,8 @@ class SamplerDeployment:
         self.model = models.load_pretrained(ckpt).to(self.device).eval()
         self._sample, self._sampler_config, self._check_cacheable = sample, SamplerConfig, check_cacheable
         self._sampler_fields = {f.name for f in dataclasses.fields(SamplerConfig)}
+        self._sampler_defaults = {f.name: f.default for f in dataclasses.fields(SamplerConfig)}
+        self._per_row_fields = PER_ROW
         self._torch = torch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softmask-sampler")
         self._intake.set_max_batch_size(self.cfg.max_batch_size)
@@ -280,12 +283,20 @@ class SamplerDeployment:
                 loop.call_soon_threadsafe(queue.put_nowait, ("step", step, texts))
 
         scfg = {k: v for k, v in dict(steps=p0["steps"], algorithm=p0["algorithm"], soft_mask=p0["soft_mask"],
-                                      temperature=p0["temperature"], top_p=p0["top_p"],
                                       block_length=p0["block_length"], transparency=p0["transparency"],
-                                      threshold=p0["threshold"], cache=p0["cache"],
+                                      cache=p0["cache"],
                                       ).items() if k in self._sampler_fields and v is not None}
+        per_row = {}
+        for name in self._per_row_fields:  # one value per row; None = the sampler's default
+            values = [jobs[j].payload[name] for j, _ in owners]
+            values = [self._sampler_defaults[name] if v is None else v for v in values]
+            if len(set(values)) == 1:
+                scfg[name] = values[0]
+            else:
+                per_row[name] = values
         seed = p0["seed"] if p0["seed"] is not None else random.randint(0, MAX_SEED)
-        future = loop.run_in_executor(self._executor, self._sample_blocking, scfg, rows, length, seed, on_step)
+        future = loop.run_in_executor(self._executor, self._sample_blocking, scfg, rows, length, seed, on_step,
+                                      per_row or None)
         future.add_done_callback(lambda _f: queue.put_nowait(("done",)))
         while True:
             ev = await queue.get()
@@ -341,14 +352,14 @@ class SamplerDeployment:
                 "seed": seed if len(jobs) == 1 else None}}
         yield finals
 
-    def _sample_blocking(self, scfg: dict, rows: list[list[int]], length: int, seed: int, on_step):
+    def _sample_blocking(self, scfg: dict, rows: list[list[int]], length: int, seed: int, on_step, per_row=None):
         """Runs in the sampler thread: one sample() call -> ((N, L) token lists, nfe, what soft-masking did: None when
         no feedback ran, else {"lambda_mean", "gate_open"} over every position it fed)."""
         t0 = time.perf_counter()
         try:
             with self._torch.inference_mode():
                 out = self._sample(self.model, self._sampler_config(**scfg), num_samples=len(rows), length=length,
-                                   prompt_ids=rows, seed=seed, on_step=on_step)
+                                   prompt_ids=rows, seed=seed, on_step=on_step, per_row=per_row)
         finally:
             self.stats["decode_s"] += time.perf_counter() - t0
         fed = None if out.lambda_mean is None else {"lambda_mean": out.lambda_mean, "gate_open": out.gate_open}
