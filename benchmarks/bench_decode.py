@@ -62,8 +62,11 @@ def run_setting(model, tok, ev, name: str, length: int, soft: bool, args) -> dic
     cfg = SamplerConfig(steps=length, soft_mask=soft, block_length=args.block, top_p=0.9, temperature=1.0,
                         **SETTINGS[name])
     sample(model, dataclasses.replace(cfg, steps=2), args.samples, length, seed=args.seed + 1)  # warm-up
+    sync = torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     out = sample(model, cfg, args.samples, length, seed=args.seed)
+    sync()
     wall = time.perf_counter() - t0
     texts = tok.decode_batch(out.tokens.tolist())
     ppl = generative_perplexity(ev, texts, context_length=args.ppl_context, batch_size=8)
@@ -85,13 +88,17 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default; on a loaded 2-core "
                                                          "host one thread is >10x faster than two)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the model, the sampler and the evaluator run (auto: cuda when available)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = models.load_pretrained(args.checkpoint).eval()
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    args.device = torch.device("cuda" if cuda else "cpu")
+    model = models.load_pretrained(args.checkpoint).to(args.device).eval()
     trained = model.config.max_seq_len
     tok = load_tokenizer(args.tokenizer)
-    ev = load_evaluator(args.evaluator)
+    ev = load_evaluator(args.evaluator, device=args.device)
     rows = []
     for length in args.lengths:
         with_context(model, length)
@@ -108,7 +115,8 @@ def main() -> None:
         "benchmark": "decode", "checkpoint": args.checkpoint, "trained_max_seq_len": trained,
         "extrapolated": [n for n in args.lengths if n > trained], "samples": args.samples, "block": args.block,
         "evaluator": ev.info().get("description"), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(), "results": rows}, indent=1))
+        "cpu": platform.processor() or platform.machine(),
+        "gpu": torch.cuda.get_device_name() if args.device.type == "cuda" else None, "results": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -109,23 +109,35 @@ def resolve_checkpoint(model: str, out: Path, dtype: str, log) -> tuple[str, dic
 
 
 # ------------------------------------------------------------------------------------------------------ eval
+# HumanEval decoding variants (--decode): SamplerConfig fields over the preset, from gen_tokens. Blocks of gen/8
+# (32 of 256) for the cached and threshold variants; the threshold ones cap each block at its share of the steps.
+DECODE = {
+    "preset": lambda gen: {},
+    "dual": lambda gen: dict(block_length=max(1, gen // 8), cache="dual"),
+    "thr0.9": lambda gen: dict(block_length=max(1, gen // 8), algorithm="threshold", threshold=0.9),
+    "thr0.9+dual": lambda gen: dict(block_length=max(1, gen // 8), algorithm="threshold", threshold=0.9,
+                                    cache="dual"),
+}
+
+
 def humaneval_at(model, tok, *, arm_sm: bool, args, problems, device: str, bf16: bool) -> dict:
-    """pass@1 at each NFE fraction of gen_tokens."""
+    """pass@1 at each decoding variant (--decode) and NFE fraction of gen_tokens."""
     from workers.humaneval_exec import ExecConfig, run_humaneval
     from models.sampling import SamplerConfig
 
     out = {}
-    for frac in args.nfe_fracs:
+    for decode, frac in [(d, f) for d in args.decode for f in args.nfe_fracs]:
         steps = max(1, round(args.gen_tokens * frac))
         cfg = SamplerConfig.preset(args.preset, steps=steps, soft_mask=arm_sm, temperature=args.temperature,
-                                   top_p=args.top_p)
+                                   top_p=args.top_p, **DECODE[decode](args.gen_tokens))
         t0 = time.perf_counter()
         with autocast_for(device, bf16):
             res = run_humaneval(model, tok, cfg, args.gen_tokens, problems=problems, batch_size=args.he_batch,
                                 chat_template=args.chat_template_text,
                                 exec_cfg=ExecConfig(timeout_s=10.0, memory_mb=1024,
                                                     workers=max(1, min(8, os.cpu_count() or 1))))
-        out[f"nfe_{frac:g}"] = {"steps": steps, "pass_at_1": round(res.pass_at_1, 4), "passed": res.passed,
+        key = f"nfe_{frac:g}" if decode == "preset" else f"{decode}/nfe_{frac:g}"
+        out[key] = {"steps": steps, "seconds_per_problem": round((time.perf_counter() - t0) / max(1, res.total), 3), "pass_at_1": round(res.pass_at_1, 4), "passed": res.passed,
                                 "total": res.total, "nfe_per_sample": res.extra["nfe_per_sample"],
                                 "seconds": round(time.perf_counter() - t0, 1), "isolation": res.isolation,
                                 "statuses": _status_counts(res)}
@@ -172,6 +184,9 @@ def parse(argv=None):
                     "entropy order, temperature 0.1, top-p 0.9 (Dream's rule), Dream's transfer count, grid to 1e-3")
     ap.add_argument("--chat-template", choices=("none", "model"), default="none",
                     help="model: prompt through the model folder's chat template (instruction-tuned models)")
+    ap.add_argument("--decode", type=lambda s: s.split(","), default=["preset"],
+                    help=f"comma-separated HumanEval decoding variants, of {list(DECODE)}: preset = the preset as "
+                         "is; dual = + key/value cache (blocks of gen/8); thr0.9 = threshold decoding in those blocks")
     ap.add_argument("--temperature", type=float, default=0.1)
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--no-eval-adapted", action="store_true", help="skip HumanEval of the adapted model before FT")
@@ -179,6 +194,9 @@ def parse(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    unknown = [d for d in args.decode if d not in DECODE]
+    if unknown:
+        ap.error(f"--decode: unknown variant(s) {unknown}; choose from {list(DECODE)}")
     if args.toy:  # the same code path at toy size (explicit flags given after --toy still win via defaults below)
         toy = dict(seq_len=64, micro=2, adapt_steps=2, ft_steps=2, val_blocks=2, gen_tokens=16, he_problems=4,
                    he_batch=2, warmup=1, p_sm=1.0, device="cpu" if args.device == "auto" else args.device)
@@ -250,7 +268,8 @@ def main(argv=None) -> int:
     adapted = model
 
     problems = load_problems()[:args.he_problems]
-    result["humaneval"] = {"problems": len(problems), "gen_tokens": args.gen_tokens, "algorithm": "entropy",
+    result["humaneval"] = {"problems": len(problems), "gen_tokens": args.gen_tokens, "preset": args.preset,
+                           "decode": {d: DECODE[d](args.gen_tokens) for d in args.decode},
                            "temperature": args.temperature, "top_p": args.top_p, "batch": args.he_batch}
     arms = {}
     for i, kind in enumerate(("binary", "sm")):

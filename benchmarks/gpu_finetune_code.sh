@@ -15,6 +15,10 @@
 #
 #   MODEL=/models/qwen2.5-coder-0.5b bash benchmarks/gpu_finetune_code.sh
 #   MODEL=... ADAPT_STEPS=300 FT_STEPS=200 bash benchmarks/gpu_finetune_code.sh --he-batch 82   # extra flags pass on
+#   MODEL=... DECODE=preset,dual,thr0.9+dual bash benchmarks/gpu_finetune_code.sh   # HumanEval also with the dual
+#       cache and threshold decoding (blocks of GEN_TOKENS/8), each at every NFE fraction. Blocks are canvas
+#       positions: problems of different prompt lengths batched together spread the generated spans over more
+#       blocks, so NFE per sample grows with that spread (--he-batch 1 keeps it at the block count)
 #   TOY=1 bash benchmarks/gpu_finetune_code.sh        # same code path on CPU at toy size (tiny random Qwen2), < 3 min
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +30,7 @@ export PYTHONPATH=".$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=ignore::Fut
 OUT=${OUT:-/tmp/finetune_code}
 if [[ "${TOY:-0}" == "1" ]]; then
   exec timeout 300 "$PY" benchmarks/bench_finetune_code.py --toy --out "${OUT}-toy" --threads "${THREADS:-1}" \
-    --budget-s "${BUDGET_S:-170}" "$@"
+    --budget-s "${BUDGET_S:-170}" --decode "${DECODE:-preset}" "$@"
 fi
 if [[ -z "${MODEL:-}" ]]; then
   echo "gpu_finetune_code.sh: set MODEL=<HF dir | .gguf | softmask checkpoint | qwen2.5-coder-0.5b-instruct> (the" \
@@ -35,4 +39,4 @@ if [[ -z "${MODEL:-}" ]]; then
 fi
 exec timeout 600 "$PY" benchmarks/bench_finetune_code.py --model "$MODEL" --out "$OUT" --device cuda \
   --seq-len "${SEQ_LEN:-512}" --micro "${MICRO:-16}" --adapt-steps "${ADAPT_STEPS:-150}" --ft-steps "${FT_STEPS:-100}" \
-  --gen-tokens "${GEN_TOKENS:-256}" --budget-s "${BUDGET_S:-540}" "$@"
+  --gen-tokens "${GEN_TOKENS:-256}" --budget-s "${BUDGET_S:-540}" --decode "${DECODE:-preset}" "$@"

@@ -1,6 +1,6 @@
 """The prepared one-GPU scripts run end to end on CPU at toy size ("leave the script ready and tested on CPU at toy
-size"): the code benchmark (adaptation, SM and binary DoRA fine-tunes, HumanEval at 1/4 and 1/2 NFE, JSON + loss
-plots) and the training sweep. Left out of `make test` (marked long); `make test-all` runs them."""
+size"): the code benchmark (adaptation, SM and binary DoRA fine-tunes, HumanEval at 1/4 and 1/2 NFE, plain and with
+the dual cache, JSON + loss plots) and the training sweep. Left out of `make test` (marked long); `make test-all` runs them."""
 import json
 import math
 import os
@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.long]  # minutes of CPU each: `make 
 
 
 def test_gpu_finetune_code_script_toy_run(tmp_path):
-    env = {**os.environ, "TOY": "1", "OUT": str(tmp_path / "ft"), "PYTHON": sys.executable}
+    env = {**os.environ, "TOY": "1", "OUT": str(tmp_path / "ft"), "PYTHON": sys.executable, "DECODE": "preset,dual"}
     r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_finetune_code.sh")], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -23,8 +23,8 @@ def test_gpu_finetune_code_script_toy_run(tmp_path):
     assert report["adapt"]["steps_done"] >= 1
     for arm in ("sm", "binary"):
         he = report["ft"][arm]["humaneval"]
-        assert set(he) == {"nfe_0.25", "nfe_0.5"}
-        assert he["nfe_0.25"]["steps"] * 2 == he["nfe_0.5"]["steps"]
+        assert set(he) == {"nfe_0.25", "nfe_0.5", "dual/nfe_0.25", "dual/nfe_0.5"}  # DECODE: preset and dual cache
+        assert he["nfe_0.25"]["steps"] * 2 == he["nfe_0.5"]["steps"] == he["dual/nfe_0.5"]["steps"]
         assert he["nfe_0.5"]["total"] == he["nfe_0.5"]["passed"] + sum(
             n for s, n in he["nfe_0.5"]["statuses"].items() if s != "passed")
     assert all(Path(p).is_file() for p in report["plots"])
