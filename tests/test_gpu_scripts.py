@@ -66,3 +66,20 @@ def test_recorded_runs_get_the_palm_mfu():
     assert round(best["mfu_palm"], 3) == 0.339 and round(best["mfu_6N"], 3) == 0.446  # the recorded 6N figure
     sm = rows["sm-m64-closs"]  # two-pass steps (80 %) also run a forward without gradients
     assert sm["mfu_palm"] < sm["mfu_palm_with_pass1"] < sm["mfu_with_pass1"]
+
+
+def test_gpu_decode_script_toy_run(tmp_path):
+    """benchmarks/gpu_decode.sh at toy size on CPU: the decoding benchmark on a random model, SM on and off, the dual
+    cache computing fewer backbone positions than plain at the same NFE."""
+    env = {**os.environ, "TOY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_decode.sh")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    report = json.loads(Path(summary["results"][0]).read_text())
+    rows = {(x["setting"], x["soft_mask"]): x for x in report["results"]}
+    assert set(rows) == {(s, sm) for s in ("plain", "dual", "thr0.9") for sm in (True, False)}
+    for sm in (True, False):
+        assert rows[("dual", sm)]["nfe"] == rows[("plain", sm)]["nfe"]
+        assert rows[("dual", sm)]["positions"] < rows[("plain", sm)]["positions"]
+        assert all(math.isfinite(rows[(s, sm)]["gen_ppl"]) for s in ("plain", "dual", "thr0.9"))
