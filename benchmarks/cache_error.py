@@ -47,7 +47,7 @@ def measure(model, trajectory: list[torch.Tensor], fixed: torch.Tensor, block: i
     back = lookback(model)
     pos = torch.arange(L)
     stats = {m: {"kl": [], "agree": [], "by_stale": {}} for m in modes}
-    refresh, kv, blk = None, {}, None
+    refresh, kv, blk = None, None, None
     for x in trajectory:
         masked = (x == mask_id) & ~fixed
         if not masked.any():
@@ -55,16 +55,15 @@ def measure(model, trajectory: list[torch.Tensor], fixed: torch.Tensor, block: i
         first = int(masked.nonzero()[:, 1].min())  # the current block: the first one with a masked position
         cur = (first // block * block, min(L, first // block * block + block))
         rows = masked & (pos >= cur[0]) & (pos < cur[1])  # (B, L)
-        if cur != blk:  # a block's first step: the refresh (exact), keeps the keys/values
+        if cur != blk:  # a block's first step: the refresh (exact), keeps the keys/values (one cache for every mode)
             blk, refresh = cur, x.clone()
-            for m in modes:
-                _, _, kv[m] = predict_window(model, x, rows, (0, L), None)
+            _, _, kv = predict_window(model, x, rows, (0, L), None)
             continue
         z_exact = torch.log_softmax(exact_logits(model, x, rows).float(), -1)
         stale = int(((refresh == mask_id) & (x != mask_id)).sum(1).max())  # tokens decoded in the block since
         for m in modes:
             span = window(m, cur, L, back)
-            z, _, _ = predict_window(model, x, rows & (pos >= span[0]) & (pos < span[1]), span, kv[m])
+            z, _, _ = predict_window(model, x, rows & (pos >= span[0]) & (pos < span[1]), span, kv)
             z = torch.log_softmax(z.float(), -1)
             kl = (z_exact.exp() * (z_exact - z)).sum(-1)  # (M,)
             agree = (z_exact.argmax(-1) == z.argmax(-1)).float()
