@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                     batch_wait_timeout_s=args.batch_wait_s, max_ongoing_requests=max(size, 64),
                     max_queued_requests=512, num_cpus=args.replica_cpus, torch_threads=args.torch_threads,
                     num_gpus=args.num_gpus, device=device,
-                    target_ongoing_requests=64, request_timeout_s=300, max_tokens_limit=256)
+                    target_ongoing_requests=64, request_timeout_s=600, max_tokens_limit=max(256, args.max_tokens))
                 result = run(cfg)
                 try:
                     url = result.completions_url

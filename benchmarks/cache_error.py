@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import models  # noqa: E402
 from bench_decode import with_context  # noqa: E402  (one rule for running a checkpoint past its trained length)
-from models.kv_cache import check_cacheable, lookback, predict_window, window  # noqa: E402
+from models.kv_cache import check_cacheable, copy_cache, lookback, predict_window, window  # noqa: E402
 from models.sampling import SamplerConfig, sample  # noqa: E402
 
 
@@ -55,15 +55,16 @@ def measure(model, trajectory: list[torch.Tensor], fixed: torch.Tensor, block: i
         first = int(masked.nonzero()[:, 1].min())  # the current block: the first one with a masked position
         cur = (first // block * block, min(L, first // block * block + block))
         rows = masked & (pos >= cur[0]) & (pos < cur[1])  # (B, L)
-        if cur != blk:  # a block's first step: the refresh (exact), keeps the keys/values (one cache for every mode)
-            blk, refresh = cur, x.clone()
+        if cur != blk:  # a block's first step: the refresh (exact), keeps the keys/values (one copy per mode: a
+            blk, refresh = cur, x.clone()  # window writes its positions into the cache it reads)
             _, _, kv = predict_window(model, x, rows, (0, L), None)
+            kv = {m: copy_cache(kv) for m in modes}
             continue
         z_exact = torch.log_softmax(exact_logits(model, x, rows).float(), -1)
         stale = int(((refresh == mask_id) & (x != mask_id)).sum(1).max())  # tokens decoded in the block since
         for m in modes:
             span = window(m, cur, L, back)
-            z, _, _ = predict_window(model, x, rows & (pos >= span[0]) & (pos < span[1]), span, kv)
+            z, _, _ = predict_window(model, x, rows & (pos >= span[0]) & (pos < span[1]), span, kv[m])
             z = torch.log_softmax(z.float(), -1)
             kl = (z_exact.exp() * (z_exact - z)).sum(-1)  # (M,)
             agree = (z_exact.argmax(-1) == z.argmax(-1)).float()

@@ -2,7 +2,8 @@
 # The decoding benchmark (benchmarks/bench_decode.py: plain / prefix / dual cache, confidence, threshold 0.7/0.8/0.9,
 # threshold 0.9 + dual; SM on and off; tokens/s, NFE, positions, gen-PPL) on one H100/H200 in <= 10 min, for the
 # small flavor and, when given, Qwen2.5-Coder-0.5B. Each model's JSON goes to $OUT/decode_<name>.json; one JSON line
-# at the end lists them.
+# at the end lists them. Before them, benchmarks/window_cost.py on the device: what a 32-position window of the dual
+# cache costs against the full forward, per flavor, at 1 and 16 rows ($OUT/window_cost.json).
 #   bash benchmarks/gpu_decode.sh          # EXPORT: an SM model of benchmarks/gpu_experiment.sh (small flavor, GPT-2
 #                                          # BPE); TOKENIZER: gpt2; lengths 128 256 512, 32 samples each
 #   QWEN=<softmask checkpoint written by `softmask hf-import --source qwen2.5-coder-0.5b-instruct`> bash ...
@@ -30,6 +31,9 @@ cfg = models.ModelConfig.from_flavor("debug", vocab_size=tok.vocab_size, mask_to
                                      n_layers=2)
 models.save_pretrained(models.build_model(cfg), sys.argv[1])
 PY
+  timeout 120 "$PY" benchmarks/window_cost.py --flavors debug --batches 1 2 --length 64 --block 16 --repeats 1 \
+    > "$OUT/window_cost.json"
+  written+=("$OUT/window_cost.json")
   timeout 300 "$PY" benchmarks/bench_decode.py --checkpoint "$EXPORT" --tokenizer gpt2 --lengths 64 --samples 2 \
     --block 16 --settings plain dual thr0.9 --device cpu --ppl-context 32 > "$OUT/decode_toy.json"
   written+=("$OUT/decode_toy.json")
@@ -37,6 +41,9 @@ else
   EXPORT=${EXPORT:-artifacts/experiments/gpu/cells/sm-continued-s0/export}
   [[ -f "$EXPORT/config.json" ]] || { echo "gpu_decode.sh: no export at $EXPORT (run benchmarks/gpu_experiment.sh" \
                                             "first, or set EXPORT=<dir> TOKENIZER=<its tokenizer>)" >&2; exit 2; }
+  timeout 90 "$PY" benchmarks/window_cost.py --device cuda --flavors debug tiny small --batches 1 16 --repeats 10 \
+    > "$OUT/window_cost.json"
+  written+=("$OUT/window_cost.json")
   timeout 420 "$PY" benchmarks/bench_decode.py --checkpoint "$EXPORT" --tokenizer "${TOKENIZER:-gpt2}" \
     --lengths 128 256 512 --samples "${SAMPLES:-32}" --threads 0 --device cuda > "$OUT/decode_small.json"
   written+=("$OUT/decode_small.json")

@@ -50,7 +50,12 @@ def rotary_tables(seq_len: int, head_dim: int, base: float, device, dtype=torch.
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, nh, L, hd); rotate interleaved halves
+    # x: (B, nh, L, hd); rotate interleaved pairs (x1, x2) by the angles of cos, sin (L, hd/2)
+    if x.dtype == torch.float32 and not torch.compiler.is_compiling():
+        # the same products as below as one complex multiply (one kernel instead of six; equal up to fp32 rounding,
+        # bit-identical on CPU at the vectorised sizes); compiled blocks keep the real form, which inductor fuses
+        pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))  # (B, nh, L, hd/2) complex
+        return torch.view_as_real(pairs * torch.complex(cos.float(), sin.float())).flatten(-2)
     x1, x2 = x[..., ::2], x[..., 1::2]
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, nh, L, hd/2, 2)
     return out.flatten(-2)

@@ -88,14 +88,16 @@ def _slice_input(inputs: TokenInput, a: int, e: int) -> TokenInput:
 
 def _splice(k: torch.Tensor, v: torch.Tensor, i: int, start: int, cache: KVCache | None, keys, values):
     """Layer ``i``'s keys/values to attend to, from the window's fresh rotated ones k, v (B, nkv, w, hd): a refresh
-    (``cache`` None) appends them to ``keys``/``values``; otherwise they go between the cached ones (B, nkv, L, hd)."""
+    (``cache`` None) appends them to ``keys``/``values``; otherwise they are written over the window's positions of
+    the cached ones (B, nkv, L, hd), in place (a copy of the window, not of the sequence)."""
     if cache is None:
-        keys.append(k)
-        values.append(v)
-        return k, v
+        keys.append(k.contiguous())
+        values.append(v.contiguous())
+        return keys[-1], values[-1]
     ck, cv, w = cache.keys[i], cache.values[i], k.shape[2]
-    return (torch.cat([ck[:, :, :start], k, ck[:, :, start + w:]], dim=2),
-            torch.cat([cv[:, :, :start], v, cv[:, :, start + w:]], dim=2))
+    ck[:, :, start:start + w] = k
+    cv[:, :, start:start + w] = v
+    return ck, cv
 
 
 class _HFCacheView:
@@ -174,7 +176,9 @@ def hidden_window(backbone, inputs: TokenInput, start: int, cache: KVCache | Non
 
     ``cache`` None: a refresh — ``inputs`` is the whole sequence (start 0); returns its hidden states and the new
     cache. Otherwise the window's queries attend to its own fresh keys/values and to the cached ones outside it;
-    returns the same cache (never updated: the window is recomputed at every step)."""
+    returns the same cache, its window positions overwritten in place with the fresh keys/values (a later call reads
+    them only if its window does not cover them: every step of a block recomputes the same window, so the sampler
+    never does; a caller that runs different windows on one refresh passes each a copy, :func:`copy_cache`)."""
     h = backbone.embed_input(inputs)  # (B, w, d)
     if extra is not None:
         h = h + extra
@@ -194,6 +198,12 @@ def hidden_window(backbone, inputs: TokenInput, start: int, cache: KVCache | Non
         raw, before = h, h[:, :1] if start == 0 else cache.outputs[:, start - 1:start]
         h = torch.cat([before, h[:, :-1]], dim=1)  # (B, w, d)
     return h, (KVCache(keys, values, raw) if cache is None else cache)
+
+
+def copy_cache(cache: KVCache) -> KVCache:
+    """An independent copy of ``cache`` (windows write into the one they are given)."""
+    return KVCache([k.clone() for k in cache.keys], [v.clone() for v in cache.values],
+                   None if cache.outputs is None else cache.outputs.clone())
 
 
 def predict_window(model, x: torch.Tensor, rows: torch.Tensor, span: tuple[int, int], cache: KVCache | None,

@@ -117,6 +117,13 @@ def _check_window(bb, mode: str, vocab: int, back: int = 0):
     hw, _ = hidden_window(bb, (ids[:, a:e], w[:, a:e]), a, kv)  # (B, e - a, d)
     assert hw.shape == (B, e - a, full.shape[-1])
     torch.testing.assert_close(hw, full[:, a:e], rtol=1e-5, atol=1e-5)
+    outside = [torch.cat([k[:, :, :a], k[:, :, e:]], 2).clone() for k in kv.keys + kv.values]
+    changed = ids.clone()
+    changed[:, a:e] = torch.randint(0, vocab, (B, e - a, K))
+    hc, _ = hidden_window(bb, (changed[:, a:e], w[:, a:e]), a, kv)  # a later step of the block: new window inputs
+    assert torch.equal(hc, hidden_window(bb, (changed[:, a:e], w[:, a:e]), a, kv)[0])  # its own write is overwritten
+    assert all(torch.equal(torch.cat([k[:, :, :a], k[:, :, e:]], 2), o)  # nothing outside the window is written
+               for k, o in zip(kv.keys + kv.values, outside))
     _, kv2 = hidden_window(bb, (torch.randint(0, vocab, (B, L, K)), w), 0, None)
     assert not torch.allclose(hidden_window(bb, (ids[:, a:e], w[:, a:e]), a, kv2)[0], full[:, a:e], atol=1e-3)
 

@@ -76,7 +76,10 @@ def test_gpu_decode_script_toy_run(tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    report = json.loads(Path(summary["results"][0]).read_text())
+    cost = json.loads(Path(summary["results"][0]).read_text())
+    assert [(x["batch"], x["length"], x["block"]) for x in cost["rows"]] == [(1, 64, 16), (2, 64, 16)]
+    assert all(x["full_ms"] > 0 and x["window_ms"] > 0 and x["bound"] > 0 for x in cost["rows"])
+    report = json.loads(Path(summary["results"][1]).read_text())
     rows = {(x["setting"], x["soft_mask"]): x for x in report["results"]}
     assert set(rows) == {(s, sm) for s in ("plain", "dual", "thr0.9") for sm in (True, False)}
     for sm in (True, False):
