@@ -252,6 +252,9 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
     steps_per_block = max(1, cfg.steps // len(blocks))
     reuse = cfg.cache_unchanged and not model.config.time_conditioning  # same x -> same prediction
     prev_logits, nfe, step_idx, fed, computed, kv = None, 0, 0, None, 0, None
+    # (the block's refresh prediction, the window span): a cached step's prediction covers its window only, and what
+    # lies outside stays the refresh's; the two are merged when a full forward feeds the whole prediction back
+    outside: tuple[MaskedLogits, tuple[int, int]] | None = None
     trajectory = [] if return_trajectory else None
     positions = torch.arange(length, device=device)
 
@@ -259,7 +262,9 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
                 span: tuple[int, int] | None = None) -> torch.Tensor:
         """Logits (M, V) of ``rows`` (None: the masked positions); with ``span`` through the key/value cache (a
         refresh when it is the whole sequence)."""
-        nonlocal nfe, fed, computed, kv
+        nonlocal nfe, fed, computed, kv, prev_logits, outside
+        if outside is not None and span in (None, (0, length)):  # a full forward: feedback reads every position
+            prev_logits, outside = outside[0].update(prev_logits, *outside[1]), None
         if span is None:
             t_vec = torch.full((num_samples,), t, device=device)
             z, stats = model(x, t_vec, rows=rows, masked_only=rows is None, with_stats=True, **feedback(masked))
@@ -290,8 +295,8 @@ def sample(model, cfg: SamplerConfig, num_samples: int, length: int, prompt_ids=
                 if span is not None:  # (B, L): a cached step reads the recomputed positions only
                     rows = rows & (positions >= span[0]) & (positions < span[1])
                 logits = MaskedLogits(rows, forward(x, t, rows, masked, span), tokens=x)
-                if span is not None and span != (0, length) and prev_logits is not None:
-                    logits = prev_logits.update(logits, *span)  # outside the span: the refresh's prediction
+                if span not in (None, (0, length)) and outside is None:
+                    outside = (prev_logits, span)  # the refresh's prediction, read outside the span
             ctx = StepContext(x=x, logits=logits, t=t, s=s, active=active, decoded=~masked & in_block & ~fixed,
                               mask_id=mask_id, cfg=cfg, generator=gen, last=(i == steps_per_block - 1),
                               per_row=knobs)

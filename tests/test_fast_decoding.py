@@ -168,6 +168,24 @@ def test_cached_decoding_is_valid_and_computes_fewer_positions(model, algorithm,
         assert outs["prefix"].positions == 3 * sum(L + 3 * (L - a) for a in range(0, L, blk))
 
 
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_a_refresh_feeds_back_a_prediction_of_every_masked_position(model, monkeypatch, mode):
+    """Soft-masking through the cache: a cached step predicts its window only; the refresh of the next block still
+    gets a previous prediction for every position masked then (the window's inside it, the last refresh's outside)."""
+    import models.sampling as sampling
+
+    missing, real = [], sampling.predict_window
+
+    def spy(m, x, rows, span, cache, prev_logits=None, sm_scale=None):
+        if span == (0, x.shape[1]) and prev_logits is not None:
+            missing.append(int(((x == m.mask_id) & ~prev_logits.rows).sum()))
+        return real(m, x, rows, span, cache, prev_logits=prev_logits, sm_scale=sm_scale)
+
+    monkeypatch.setattr(sampling, "predict_window", spy)
+    sample(model, SamplerConfig(steps=32, block_length=8, cache=mode, cache_unchanged=False), 2, 32, seed=0)
+    assert len(missing) >= 3 and not any(missing)  # blocks 2-4 (prefix: block 1's window is the whole sequence)
+
+
 def test_cache_refuses_models_it_cannot_serve_naming_the_field():
     timed = models.build_model(models.ModelConfig.from_flavor("debug", vocab_size=64, time_conditioning=True))
     with pytest.raises(ValueError, match="^cache: .*time conditioning"):
