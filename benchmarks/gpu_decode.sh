@@ -3,7 +3,9 @@
 # threshold 0.9 + dual; SM on and off; tokens/s, NFE, positions, gen-PPL) on one H100/H200 in <= 10 min, for the
 # small flavor and, when given, Qwen2.5-Coder-0.5B. Each model's JSON goes to $OUT/decode_<name>.json; one JSON line
 # at the end lists them. Before them, benchmarks/window_cost.py on the device: what a 32-position window of the dual
-# cache costs against the full forward, per flavor, at 1 and 16 rows ($OUT/window_cost.json).
+# cache costs against the full forward, per flavor, at 1 and 16 rows ($OUT/window_cost.json); after the small flavor,
+# when the experiment's binary cells exist (CELLS, default artifacts/experiments/gpu/cells), the SM-vs-binary threshold
+# curve over its seeds (benchmarks/threshold_curve.py: $OUT/threshold_curve.json + .png).
 #   bash benchmarks/gpu_decode.sh          # EXPORT: an SM model of benchmarks/gpu_experiment.sh (small flavor, GPT-2
 #                                          # BPE); TOKENIZER: gpt2; lengths 128 256 512, 32 samples each
 #   QWEN=<softmask checkpoint written by `softmask hf-import --source qwen2.5-coder-0.5b-instruct`> bash ...
@@ -37,6 +39,10 @@ PY
   timeout 300 "$PY" benchmarks/bench_decode.py --checkpoint "$EXPORT" --tokenizer gpt2 --lengths 64 --samples 2 \
     --block 16 --settings plain dual thr0.9 --device cpu --ppl-context 32 > "$OUT/decode_toy.json"
   written+=("$OUT/decode_toy.json")
+  timeout 300 "$PY" benchmarks/threshold_curve.py --arm "sm=$EXPORT" --arm "binary=$EXPORT" --tokenizer gpt2 \
+    --length 32 --block 16 --samples 2 --thresholds 0.9 --device cpu --ppl-context 32 \
+    --plot "$OUT/threshold_curve.png" > "$OUT/threshold_curve.json"
+  written+=("$OUT/threshold_curve.json")
 else
   EXPORT=${EXPORT:-artifacts/experiments/gpu/cells/sm-continued-s0/export}
   [[ -f "$EXPORT/config.json" ]] || { echo "gpu_decode.sh: no export at $EXPORT (run benchmarks/gpu_experiment.sh" \
@@ -47,6 +53,18 @@ else
   timeout 420 "$PY" benchmarks/bench_decode.py --checkpoint "$EXPORT" --tokenizer "${TOKENIZER:-gpt2}" \
     --lengths 128 256 512 --samples "${SAMPLES:-32}" --threads 0 --device cuda > "$OUT/decode_small.json"
   written+=("$OUT/decode_small.json")
+  CELLS=${CELLS:-artifacts/experiments/gpu/cells}
+  sm=() bin=()
+  for s in 0 1 2; do
+    [[ -f "$CELLS/sm-continued-s$s/export/config.json" ]] && sm+=("$CELLS/sm-continued-s$s/export")
+    [[ -f "$CELLS/binary-continued-s$s/export/config.json" ]] && bin+=("$CELLS/binary-continued-s$s/export")
+  done
+  if (( ${#sm[@]} && ${#bin[@]} )); then
+    timeout 180 "$PY" benchmarks/threshold_curve.py --arm "sm=$(IFS=,; echo "${sm[*]}")" \
+      --arm "binary=$(IFS=,; echo "${bin[*]}")" --tokenizer "${TOKENIZER:-gpt2}" --length 256 --samples 32 \
+      --threads 0 --device cuda --plot "$OUT/threshold_curve.png" > "$OUT/threshold_curve.json"
+    written+=("$OUT/threshold_curve.json")
+  fi
   if [[ -n "${QWEN:-}" ]]; then
     timeout 150 "$PY" benchmarks/bench_decode.py --checkpoint "$QWEN" --tokenizer "$QWEN" --lengths 128 256 \
       --samples 8 --threads 0 --device cuda --settings plain prefix dual thr0.9 thr0.9+dual > "$OUT/decode_qwen.json"

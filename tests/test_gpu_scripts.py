@@ -79,6 +79,11 @@ def test_gpu_decode_script_toy_run(tmp_path):
     cost = json.loads(Path(summary["results"][0]).read_text())
     assert [(x["batch"], x["length"], x["block"]) for x in cost["rows"]] == [(1, 64, 16), (2, 64, 16)]
     assert all(x["full_ms"] > 0 and x["window_ms"] > 0 and x["bound"] > 0 for x in cost["rows"])
+    curve = json.loads(Path(summary["results"][2]).read_text())
+    assert set(curve["table"]) == {"plain", "confidence", "thr0.9"}
+    assert all(set(v) == {"sm", "binary"} for v in curve["table"].values())
+    assert {c["verdict"] for c in curve["comparisons"]} == {"not testable"}  # one export per arm: no seed spread
+    assert (tmp_path / "threshold_curve.png").stat().st_size > 0
     report = json.loads(Path(summary["results"][1]).read_text())
     rows = {(x["setting"], x["soft_mask"]): x for x in report["results"]}
     assert set(rows) == {(s, sm) for s in ("plain", "dual", "thr0.9") for sm in (True, False)}
