@@ -176,9 +176,9 @@ def hidden_window(backbone, inputs: TokenInput, start: int, cache: KVCache | Non
 
     ``cache`` None: a refresh — ``inputs`` is the whole sequence (start 0); returns its hidden states and the new
     cache. Otherwise the window's queries attend to its own fresh keys/values and to the cached ones outside it;
-    returns the same cache, its window positions overwritten in place with the fresh keys/values (a later call reads
-    them only if its window does not cover them: every step of a block recomputes the same window, so the sampler
-    never does; a caller that runs different windows on one refresh passes each a copy, :func:`copy_cache`)."""
+    returns the same cache, whose window positions now hold this window's keys/values (written in place). Every step
+    of a block recomputes the same window and overwrites them again; a caller that runs different windows on one
+    refresh gives each its own :func:`copy_cache`."""
     h = backbone.embed_input(inputs)  # (B, w, d)
     if extra is not None:
         h = h + extra
