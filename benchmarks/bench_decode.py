@@ -58,16 +58,26 @@ def with_context(model, length: int):
     return model
 
 
+def pick_device(name: str) -> torch.device:
+    """--device: cuda, cpu, or auto (cuda when available)."""
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def timed_sample(model, cfg: SamplerConfig, samples: int, length: int, seed: int, device: torch.device):
+    """One 2-step warm-up decode of the same shape, then the timed one: (SampleOutput, wall seconds)."""
+    sample(model, dataclasses.replace(cfg, steps=2), samples, length, seed=seed + 1)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = sample(model, cfg, samples, length, seed=seed)
+    sync()
+    return out, time.perf_counter() - t0
+
+
 def run_setting(model, tok, ev, name: str, length: int, soft: bool, args) -> dict:
     cfg = SamplerConfig(steps=length, soft_mask=soft, block_length=args.block, top_p=0.9, temperature=1.0,
                         **SETTINGS[name])
-    sample(model, dataclasses.replace(cfg, steps=2), args.samples, length, seed=args.seed + 1)  # warm-up
-    sync = torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    out = sample(model, cfg, args.samples, length, seed=args.seed)
-    sync()
-    wall = time.perf_counter() - t0
+    out, wall = timed_sample(model, cfg, args.samples, length, args.seed, args.device)
     texts = tok.decode_batch(out.tokens.tolist())
     ppl = generative_perplexity(ev, texts, context_length=args.ppl_context, batch_size=8)
     return {"setting": name, "length": length, "soft_mask": soft, "wall_s": round(wall, 3),
@@ -93,8 +103,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    args.device = torch.device("cuda" if cuda else "cpu")
+    args.device = pick_device(args.device)
     model = models.load_pretrained(args.checkpoint).to(args.device).eval()
     trained = model.config.max_seq_len
     tok = load_tokenizer(args.tokenizer)

@@ -20,14 +20,12 @@ spread", the rule of the experiment report) on gen-PPL and on tokens per forward
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
 import platform
 import statistics
 import sys
-import time
 from collections import Counter
 
 import torch
@@ -35,10 +33,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import models  # noqa: E402
-from bench_decode import with_context  # noqa: E402  (one rule for running a checkpoint past its trained length)
+from bench_decode import pick_device, timed_sample, with_context  # noqa: E402  (one timing and length rule)
 from models.evaluation.evaluator_lm import load_evaluator  # noqa: E402
 from models.evaluation.gen_ppl import generative_perplexity  # noqa: E402
-from models.sampling import SamplerConfig, sample  # noqa: E402
+from models.sampling import SamplerConfig  # noqa: E402
 from models.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -60,12 +58,7 @@ def degeneracy(tokens: torch.Tensor, texts: list[str]) -> dict:
 
 def decode(model, tok, ev, name: str, fields: dict, args) -> dict:
     cfg = SamplerConfig(steps=args.length, block_length=args.block, top_p=0.9, temperature=1.0, **fields)
-    sync = torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    out = sample(model, cfg, args.samples, args.length, seed=args.seed)
-    sync()
-    wall = time.perf_counter() - t0
+    out, wall = timed_sample(model, cfg, args.samples, args.length, args.seed, args.device)
     texts = tok.decode_batch(out.tokens.tolist())
     ppl = generative_perplexity(ev, texts, context_length=args.ppl_context, batch_size=8)
     return {"setting": name, "nfe": out.nfe, "tokens_per_forward": round(args.length / out.nfe, 3),
@@ -169,8 +162,7 @@ def main(argv=None) -> dict:
         p.error("--length, --samples and --block must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    args.device = torch.device("cuda" if cuda else "cpu")
+    args.device = pick_device(args.device)
     tok = load_tokenizer(args.tokenizer)
     ev = load_evaluator(args.evaluator, device=args.device)
     decodes = settings(args.thresholds)
