@@ -10,9 +10,12 @@ in one batch (after one warm-up decode of that shape) and scored:
     confidence     confidence order, steps = length (one token per step): the threshold rule's one-per-step limit
     thr0.7/0.8/0.9 threshold decoding (at most `length` steps), no cache
     thr0.9+dual    threshold 0.9 with the dual cache
+    dual-x2, -x4   the dual cache with 2 / 4 tokens per step (ancestral, steps = length / 2 or / 4): random-order
+                   parallel decoding, the paper's own NFE knob (steps = L/2, L/4)
 All in semi-autoregressive blocks of ``--block`` tokens, temperature 1, nucleus 0.9. Reported per setting: decoded
 tokens/s (samples · length / wall seconds of the decode), NFE, backbone positions computed, gen-PPL of the decoded
-text under the project's evaluator LM (models.evaluation.gen_ppl), and the ratios to plain (speed-up, gen-PPL).
+text under the project's evaluator LM (models.evaluation.gen_ppl), the whitespace and top-token shares (signs of
+degenerate text), and the ratios to plain (speed-up, gen-PPL).
 
 A checkpoint trained on shorter rows than ``length`` is run with its max_seq_len raised to ``length`` (rotary
 positions: the weights do not change, the positions past the training length were never seen in training); the JSON
@@ -27,6 +30,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 
 import torch
 
@@ -37,7 +41,7 @@ from models.evaluation.gen_ppl import generative_perplexity  # noqa: E402
 from models.sampling import SamplerConfig, sample  # noqa: E402
 from models.tokenizer import load_tokenizer  # noqa: E402
 
-SETTINGS = {  # name -> SamplerConfig fields besides steps/soft_mask/block_length
+SETTINGS = {  # name -> SamplerConfig fields besides steps/soft_mask/block_length; tokens_per_step: steps = length / it
     "plain": dict(algorithm="ancestral"),
     "prefix": dict(algorithm="ancestral", cache="prefix"),
     "dual": dict(algorithm="ancestral", cache="dual"),
@@ -46,6 +50,8 @@ SETTINGS = {  # name -> SamplerConfig fields besides steps/soft_mask/block_lengt
     "thr0.8": dict(algorithm="threshold", threshold=0.8),
     "thr0.9": dict(algorithm="threshold", threshold=0.9),
     "thr0.9+dual": dict(algorithm="threshold", threshold=0.9, cache="dual"),
+    "dual-x2": dict(algorithm="ancestral", cache="dual", tokens_per_step=2),
+    "dual-x4": dict(algorithm="ancestral", cache="dual", tokens_per_step=4),
 }
 
 
@@ -74,15 +80,26 @@ def timed_sample(model, cfg: SamplerConfig, samples: int, length: int, seed: int
     return out, time.perf_counter() - t0
 
 
+def degeneracy(tokens: torch.Tensor, texts: list[str]) -> dict:
+    """Two signs of degenerate text that gen-PPL alone hides: the whitespace share of the decoded characters and the
+    most frequent token's share of the generated tokens."""
+    chars = sum(len(t) for t in texts)
+    spaces = sum(sum(c.isspace() for c in t) for t in texts)
+    counts = Counter(tokens.reshape(-1).tolist())
+    return {"space_share": round(spaces / max(chars, 1), 4),
+            "top_token_share": round(counts.most_common(1)[0][1] / tokens.numel(), 4)}
+
+
 def run_setting(model, tok, ev, name: str, length: int, soft: bool, args) -> dict:
-    cfg = SamplerConfig(steps=length, soft_mask=soft, block_length=args.block, top_p=0.9, temperature=1.0,
-                        **SETTINGS[name])
+    fields = dict(SETTINGS[name])
+    steps = max(1, length // fields.pop("tokens_per_step", 1))
+    cfg = SamplerConfig(steps=steps, soft_mask=soft, block_length=args.block, top_p=0.9, temperature=1.0, **fields)
     out, wall = timed_sample(model, cfg, args.samples, length, args.seed, args.device)
     texts = tok.decode_batch(out.tokens.tolist())
     ppl = generative_perplexity(ev, texts, context_length=args.ppl_context, batch_size=8)
     return {"setting": name, "length": length, "soft_mask": soft, "wall_s": round(wall, 3),
             "tokens_per_s": round(args.samples * length / wall, 1), "nfe": out.nfe, "positions": out.positions,
-            "gen_ppl": round(ppl.ppl, 2), "example": texts[0][:80]}
+            "gen_ppl": round(ppl.ppl, 2), **degeneracy(out.tokens, texts), "example": texts[0][:80]}
 
 
 def main() -> None:

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The decoding benchmark (benchmarks/bench_decode.py: plain / prefix / dual cache, confidence, threshold 0.7/0.8/0.9,
-# threshold 0.9 + dual; SM on and off; tokens/s, NFE, positions, gen-PPL) on one H100/H200 in <= 10 min, for the
+# threshold 0.9 + dual, dual with 2 / 4 tokens per step; SM on and off; tokens/s, NFE, positions, gen-PPL, whitespace
+# and top-token shares) on one H100/H200 in <= 10 min, for the
 # small flavor and, when given, Qwen2.5-Coder-0.5B. Each model's JSON goes to $OUT/decode_<name>.json; one JSON line
 # at the end lists them. Before them, benchmarks/window_cost.py on the device: what a 32-position window of the dual
 # cache costs against the full forward, per flavor, at 1 and 16 rows ($OUT/window_cost.json); after the small flavor,
 # when the experiment's binary cells exist (CELLS, default artifacts/experiments/gpu/cells), the SM-vs-binary threshold
-# curve over its seeds (benchmarks/threshold_curve.py: $OUT/threshold_curve.json + .png).
+# curve over its seeds, random and confidence order (benchmarks/threshold_curve.py: $OUT/threshold_curve.json + .png).
 #   bash benchmarks/gpu_decode.sh          # EXPORT: an SM model of benchmarks/gpu_experiment.sh (small flavor, GPT-2
 #                                          # BPE); TOKENIZER: gpt2; lengths 128 256 512, 32 samples each
 #   QWEN=<softmask checkpoint written by `softmask hf-import --source qwen2.5-coder-0.5b-instruct`> bash ...
@@ -37,10 +38,10 @@ PY
     > "$OUT/window_cost.json"
   written+=("$OUT/window_cost.json")
   timeout 300 "$PY" benchmarks/bench_decode.py --checkpoint "$EXPORT" --tokenizer gpt2 --lengths 64 --samples 2 \
-    --block 16 --settings plain dual thr0.9 --device cpu --ppl-context 32 > "$OUT/decode_toy.json"
+    --block 16 --settings plain dual dual-x2 thr0.9 --device cpu --ppl-context 32 > "$OUT/decode_toy.json"
   written+=("$OUT/decode_toy.json")
   timeout 300 "$PY" benchmarks/threshold_curve.py --arm "sm=$EXPORT" --arm "binary=$EXPORT" --tokenizer gpt2 \
-    --length 32 --block 16 --samples 2 --thresholds 0.9 --device cpu --ppl-context 32 \
+    --length 32 --block 16 --samples 2 --thresholds 0.9 --parallel 4 --device cpu --ppl-context 32 \
     --plot "$OUT/threshold_curve.png" > "$OUT/threshold_curve.json"
   written+=("$OUT/threshold_curve.json")
 else

@@ -1,12 +1,16 @@
-"""Quality against parallelism for soft-masked and binary models under threshold decoding; prints one JSON document.
+"""Quality against parallelism of soft-masked and binary models, random and confidence order; prints one JSON document.
 
     python benchmarks/threshold_curve.py --arm sm=EXPORT[,EXPORT...] --arm binary=EXPORT[,EXPORT...] \
-        --tokenizer TOKENIZER_DIR [--length 64] [--thresholds 0.9 0.8 0.7 0.5 0.3] [--samples 32] [--plot FILE]
+        --tokenizer TOKENIZER_DIR [--length 64] [--thresholds 0.9 0.8 0.7 0.5 0.3] [--parallel 2 4 8]
+        [--samples 32] [--plot FILE]
 
 The curve the soft-masking paper draws for Fast-dLLM-style decoding (its Fig. 4: SM keeps more accuracy as
 parallelism grows): for every export of every arm (one export per training seed), ``--samples`` unconditional samples
 are decoded in blocks of ``--block`` with
     plain        today's default sampler (ancestral, steps = length): the quality reference
+    plain-xK     ancestral with K tokens per step (steps = length / K) for each K of ``--parallel``: parallelism
+                 in random order, the paper's own NFE knob (it evaluates steps = L/2, L/4), which does not lean on
+                 the model's confidence order
     confidence   one token per step in confidence order (the threshold rule's limit at 1.0)
     thrX         threshold decoding at each of ``--thresholds`` (every position of the block whose drawn token has
                  probability >= X, at least one per step)
@@ -26,38 +30,33 @@ import os
 import platform
 import statistics
 import sys
-from collections import Counter
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import models  # noqa: E402
-from bench_decode import pick_device, timed_sample, with_context  # noqa: E402  (one timing and length rule)
+from bench_decode import degeneracy, pick_device, timed_sample, with_context  # noqa: E402  (shared rules)
 from models.evaluation.evaluator_lm import load_evaluator  # noqa: E402
 from models.evaluation.gen_ppl import generative_perplexity  # noqa: E402
 from models.sampling import SamplerConfig  # noqa: E402
 from models.tokenizer import load_tokenizer  # noqa: E402
 
 
-def settings(thresholds: list[float]) -> dict[str, dict]:
-    """Setting name -> SamplerConfig fields (besides steps / block_length / sampling temperature and nucleus)."""
-    out = {"plain": dict(algorithm="ancestral"), "confidence": dict(algorithm="confidence")}
+def settings(thresholds: list[float], parallel: list[int] = ()) -> dict[str, dict]:
+    """Setting name -> SamplerConfig fields (besides block_length / sampling temperature and nucleus);
+    ``tokens_per_step`` K sets steps = length / K (otherwise steps = length)."""
+    out = {"plain": dict(algorithm="ancestral")}
+    out.update({f"plain-x{k}": dict(algorithm="ancestral", tokens_per_step=k) for k in parallel})
+    out["confidence"] = dict(algorithm="confidence")
     out.update({f"thr{t:g}": dict(algorithm="threshold", threshold=t) for t in thresholds})
     return out
 
 
-def degeneracy(tokens: torch.Tensor, texts: list[str]) -> dict:
-    """Whitespace share of the decoded characters and the most frequent token's share of the generated tokens."""
-    chars = sum(len(t) for t in texts)
-    spaces = sum(sum(c.isspace() for c in t) for t in texts)
-    counts = Counter(tokens.reshape(-1).tolist())
-    return {"space_share": round(spaces / max(chars, 1), 4),
-            "top_token_share": round(counts.most_common(1)[0][1] / tokens.numel(), 4)}
-
-
 def decode(model, tok, ev, name: str, fields: dict, args) -> dict:
-    cfg = SamplerConfig(steps=args.length, block_length=args.block, top_p=0.9, temperature=1.0, **fields)
+    fields = dict(fields)
+    steps = max(1, args.length // fields.pop("tokens_per_step", 1))
+    cfg = SamplerConfig(steps=steps, block_length=args.block, top_p=0.9, temperature=1.0, **fields)
     out, wall = timed_sample(model, cfg, args.samples, args.length, args.seed, args.device)
     texts = tok.decode_batch(out.tokens.tolist())
     ppl = generative_perplexity(ev, texts, context_length=args.ppl_context, batch_size=8)
@@ -102,14 +101,19 @@ def plot(summary: dict, names: list[str], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    families = {"random order": [n for n in names if n.startswith("plain")],
+                "confidence order": [n for n in names if not n.startswith("plain")]}
     for arm in next(iter(summary["table"].values())):
-        xs = [summary["table"][n][arm]["tokens_per_forward"][0] for n in names]
-        ys = [summary["table"][n][arm]["gen_ppl"][0] for n in names]
-        es = [0 if math.isnan(summary["table"][n][arm]["gen_ppl"][1]) else summary["table"][n][arm]["gen_ppl"][1]
-              for n in names]
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=arm)
-        for x, y, n in zip(xs, ys, names):
-            ax.annotate(n, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        for (family, members), marker in zip(families.items(), ("o", "s")):
+            if not members:
+                continue
+            cells = [summary["table"][n][arm] for n in members]
+            xs = [c["tokens_per_forward"][0] for c in cells]
+            ys = [c["gen_ppl"][0] for c in cells]
+            es = [0 if math.isnan(c["gen_ppl"][1]) else c["gen_ppl"][1] for c in cells]
+            ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=f"{arm}, {family}")
+            for x, y, n in zip(xs, ys, members):
+                ax.annotate(n, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
     ax.set_xlabel("tokens per forward (parallelism)")
     ax.set_ylabel("gen-PPL (mean ± sd over seeds)")
     ax.set_yscale("log")
@@ -146,6 +150,8 @@ def main(argv=None) -> dict:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.5, 0.3])
+    p.add_argument("--parallel", type=int, nargs="*", default=[2, 4, 8],
+                   help="tokens per step of the random-order (ancestral) settings plain-xK; none: only plain")
     p.add_argument("--evaluator", default="smollm2-135m")
     p.add_argument("--ppl-context", type=int, default=128, help="evaluator context (tokens) of gen-PPL")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
@@ -160,12 +166,14 @@ def main(argv=None) -> dict:
         p.error(f"--thresholds must be in (0, 1], got {args.thresholds}")
     if args.length < 1 or args.samples < 1 or args.block < 1:
         p.error("--length, --samples and --block must be >= 1")
+    if not all(1 < k <= args.length for k in args.parallel):
+        p.error(f"--parallel must be tokens per step in (1, --length], got {args.parallel}")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.device = pick_device(args.device)
     tok = load_tokenizer(args.tokenizer)
     ev = load_evaluator(args.evaluator, device=args.device)
-    decodes = settings(args.thresholds)
+    decodes = settings(args.thresholds, args.parallel)
     runs: dict[str, list[dict]] = {}
     for arm, exports in arms.items():
         for export in exports:
@@ -178,6 +186,7 @@ def main(argv=None) -> dict:
     if args.plot:
         plot(summary, list(decodes), args.plot)
     out = {"benchmark": "threshold_curve", "arms": arms, "length": args.length, "block": args.block,
+           "parallel": args.parallel,
            "samples": args.samples, "seed": args.seed, "evaluator": ev.info().get("description"),
            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
            "gpu": torch.cuda.get_device_name() if args.device.type == "cuda" else None,

@@ -70,7 +70,8 @@ def test_recorded_runs_get_the_palm_mfu():
 
 def test_gpu_decode_script_toy_run(tmp_path):
     """benchmarks/gpu_decode.sh at toy size on CPU: the decoding benchmark on a random model, SM on and off, the dual
-    cache computing fewer backbone positions than plain at the same NFE."""
+    cache computing fewer backbone positions than plain at the same NFE, and several positions per step (random order)
+    taking fewer forwards, in the decoding benchmark and in the SM-vs-binary curve."""
     env = {**os.environ, "TOY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
     r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_decode.sh")], env=env, capture_output=True, text=True,
                        timeout=300)
@@ -80,14 +81,19 @@ def test_gpu_decode_script_toy_run(tmp_path):
     assert [(x["batch"], x["length"], x["block"]) for x in cost["rows"]] == [(1, 64, 16), (2, 64, 16)]
     assert all(x["full_ms"] > 0 and x["window_ms"] > 0 and x["bound"] > 0 for x in cost["rows"])
     curve = json.loads(Path(summary["results"][2]).read_text())
-    assert set(curve["table"]) == {"plain", "confidence", "thr0.9"}
+    assert set(curve["table"]) == {"plain", "plain-x4", "confidence", "thr0.9"}
+    # 4 positions per step in random order: a quarter of the steps, so fewer forwards than one per position
+    assert curve["table"]["plain-x4"]["sm"]["nfe"][0] <= 32 // 4 < curve["table"]["plain"]["sm"]["nfe"][0]
     assert all(set(v) == {"sm", "binary"} for v in curve["table"].values())
     assert {c["verdict"] for c in curve["comparisons"]} == {"not testable"}  # one export per arm: no seed spread
     assert (tmp_path / "threshold_curve.png").stat().st_size > 0
     report = json.loads(Path(summary["results"][1]).read_text())
     rows = {(x["setting"], x["soft_mask"]): x for x in report["results"]}
-    assert set(rows) == {(s, sm) for s in ("plain", "dual", "thr0.9") for sm in (True, False)}
+    assert set(rows) == {(s, sm) for s in ("plain", "dual", "dual-x2", "thr0.9") for sm in (True, False)}
     for sm in (True, False):
         assert rows[("dual", sm)]["nfe"] == rows[("plain", sm)]["nfe"]
         assert rows[("dual", sm)]["positions"] < rows[("plain", sm)]["positions"]
-        assert all(math.isfinite(rows[(s, sm)]["gen_ppl"]) for s in ("plain", "dual", "thr0.9"))
+        assert rows[("dual-x2", sm)]["nfe"] <= 64 // 2 < rows[("dual", sm)]["nfe"]  # 2 positions per step
+        assert rows[("dual-x2", sm)]["positions"] < rows[("dual", sm)]["positions"]
+        assert all(math.isfinite(rows[(s, sm)]["gen_ppl"]) for s in ("plain", "dual", "dual-x2", "thr0.9"))
+        assert all(0 <= rows[(s, sm)]["space_share"] <= 1 for s in ("plain", "dual", "dual-x2", "thr0.9"))
