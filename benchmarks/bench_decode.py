@@ -90,16 +90,24 @@ def degeneracy(tokens: torch.Tensor, texts: list[str]) -> dict:
             "top_token_share": round(counts.most_common(1)[0][1] / tokens.numel(), 4)}
 
 
-def run_setting(model, tok, ev, name: str, length: int, soft: bool, args) -> dict:
-    fields = dict(SETTINGS[name])
+def decode_scored(model, tok, ev, fields: dict, length: int, args, soft_mask: bool = True):
+    """One setting's timed decode (``fields``: SamplerConfig fields; ``tokens_per_step`` K sets steps = length / K,
+    otherwise steps = length) and its score: (SampleOutput, decoded texts, the shared row fields)."""
+    fields = dict(fields)
     steps = max(1, length // fields.pop("tokens_per_step", 1))
-    cfg = SamplerConfig(steps=steps, soft_mask=soft, block_length=args.block, top_p=0.9, temperature=1.0, **fields)
+    cfg = SamplerConfig(steps=steps, soft_mask=soft_mask, block_length=args.block, top_p=0.9, temperature=1.0,
+                        **fields)
     out, wall = timed_sample(model, cfg, args.samples, length, args.seed, args.device)
     texts = tok.decode_batch(out.tokens.tolist())
     ppl = generative_perplexity(ev, texts, context_length=args.ppl_context, batch_size=8)
-    return {"setting": name, "length": length, "soft_mask": soft, "wall_s": round(wall, 3),
-            "tokens_per_s": round(args.samples * length / wall, 1), "nfe": out.nfe, "positions": out.positions,
-            "gen_ppl": round(ppl.ppl, 2), **degeneracy(out.tokens, texts), "example": texts[0][:80]}
+    return out, texts, {"wall_s": round(wall, 3), "tokens_per_s": round(args.samples * length / wall, 1),
+                        "gen_ppl": round(ppl.ppl, 2), **degeneracy(out.tokens, texts)}
+
+
+def run_setting(model, tok, ev, name: str, length: int, soft: bool, args) -> dict:
+    out, texts, scored = decode_scored(model, tok, ev, SETTINGS[name], length, args, soft_mask=soft)
+    return {"setting": name, "length": length, "soft_mask": soft, "nfe": out.nfe, "positions": out.positions,
+            **scored, "example": texts[0][:80]}
 
 
 def main() -> None:

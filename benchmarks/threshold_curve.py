@@ -36,10 +36,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import models  # noqa: E402
-from bench_decode import degeneracy, pick_device, timed_sample, with_context  # noqa: E402  (shared rules)
+from bench_decode import decode_scored, pick_device, with_context  # noqa: E402  (one decode, timing, score)
 from models.evaluation.evaluator_lm import load_evaluator  # noqa: E402
-from models.evaluation.gen_ppl import generative_perplexity  # noqa: E402
-from models.sampling import SamplerConfig  # noqa: E402
 from models.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -54,15 +52,9 @@ def settings(thresholds: list[float], parallel: list[int] = ()) -> dict[str, dic
 
 
 def decode(model, tok, ev, name: str, fields: dict, args) -> dict:
-    fields = dict(fields)
-    steps = max(1, args.length // fields.pop("tokens_per_step", 1))
-    cfg = SamplerConfig(steps=steps, block_length=args.block, top_p=0.9, temperature=1.0, **fields)
-    out, wall = timed_sample(model, cfg, args.samples, args.length, args.seed, args.device)
-    texts = tok.decode_batch(out.tokens.tolist())
-    ppl = generative_perplexity(ev, texts, context_length=args.ppl_context, batch_size=8)
-    return {"setting": name, "nfe": out.nfe, "tokens_per_forward": round(args.length / out.nfe, 3),
-            "tokens_per_s": round(args.samples * args.length / wall, 1), "gen_ppl": round(ppl.ppl, 2),
-            **degeneracy(out.tokens, texts), "example": texts[0][:60]}
+    out, texts, scored = decode_scored(model, tok, ev, fields, args.length, args)
+    return {"setting": name, "nfe": out.nfe, "tokens_per_forward": round(args.length / out.nfe, 3), **scored,
+            "example": texts[0][:60]}
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
